@@ -1,0 +1,250 @@
+//! Configuration: flags and `PILLION_*` environment variables → one validated [`Config`].
+//!
+//! Everything an operator can get wrong is checked here, before a socket is bound, so a bad
+//! value is a one-line error naming the flag and its variable, with exit code 2 (the contract).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{
+    CommandFactory, Parser, ValueEnum,
+    error::{ContextKind, ContextValue, ErrorKind},
+};
+use serde::{Serialize, Serializer};
+use tracing_subscriber::EnvFilter;
+
+/// The proxy's settings after validation; the single source of truth passed down to the runtime.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub inbound_addr: SocketAddr,
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub log: String,
+    pub log_format: LogFormat,
+    #[serde(serialize_with = "human_duration")]
+    pub shutdown_grace_period: Duration,
+    #[serde(serialize_with = "human_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "human_duration")]
+    pub tcp_keepalive: Duration,
+    pub worker_threads: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Command-line surface; every flag can also come from its environment variable.
+#[derive(Debug, Parser)]
+#[command(name = "pillion-proxy", version, about = "Pillion's transparent sidecar proxy")]
+struct Args {
+    /// Listener for traffic entering the pod (iptables-init redirects it here).
+    #[arg(
+        long,
+        env = "PILLION_INBOUND_ADDR",
+        default_value = "0.0.0.0:4143",
+        value_name = "ADDR"
+    )]
+    inbound_addr: SocketAddr,
+
+    /// Listener(s) for traffic leaving the app, comma separated (e.g. `127.0.0.1:4140,[::1]:4140`).
+    #[arg(
+        long,
+        env = "PILLION_OUTBOUND_ADDR",
+        default_value = "127.0.0.1:4140",
+        value_delimiter = ',',
+        value_name = "ADDR[,ADDR]"
+    )]
+    outbound_addr: Vec<SocketAddr>,
+
+    /// Admin server: probes, metrics, log level, shutdown.
+    #[arg(
+        long,
+        env = "PILLION_ADMIN_ADDR",
+        default_value = "0.0.0.0:4191",
+        value_name = "ADDR"
+    )]
+    admin_addr: SocketAddr,
+
+    /// Tracing filter in EnvFilter syntax (e.g. `info,pillion_proxy=debug`).
+    #[arg(long, env = "PILLION_LOG", default_value = "info", value_name = "FILTER", value_parser = parse_filter)]
+    log: String,
+
+    /// Log line format.
+    #[arg(long, env = "PILLION_LOG_FORMAT", default_value = "plain", value_name = "FORMAT")]
+    log_format: LogFormat,
+
+    /// Longest time to let open connections finish after SIGTERM or `POST /shutdown`.
+    #[arg(long, env = "PILLION_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    shutdown_grace_period: Duration,
+
+    /// Longest time to wait for an upstream TCP connection to be established.
+    #[arg(long, env = "PILLION_CONNECT_TIMEOUT", default_value = "1s", value_name = "DURATION", value_parser = parse_nonzero_duration)]
+    connect_timeout: Duration,
+
+    /// Idle time before TCP keepalive probes start, on both sides of every connection.
+    #[arg(long, env = "PILLION_TCP_KEEPALIVE", default_value = "10s", value_name = "DURATION", value_parser = parse_nonzero_duration)]
+    tcp_keepalive: Duration,
+
+    /// Runtime worker threads; 1 runs everything on one thread, the usual size for a sidecar.
+    #[arg(long, env = "PILLION_WORKER_THREADS", default_value = "1", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=512))]
+    worker_threads: u16,
+}
+
+/// A setting that parsed on its own but conflicts with another.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{first} and {second} are both {addr}: every listener needs its own address")]
+    ListenerClash {
+        first: &'static str,
+        second: &'static str,
+        addr: SocketAddr,
+    },
+}
+
+impl Config {
+    /// Parses flags and environment, or prints a one-line error and exits with status 2.
+    pub fn from_env_or_exit() -> Self {
+        let args = match Args::try_parse() {
+            Ok(args) => args,
+            Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+            Err(e) => exit_usage(&one_line(&e)),
+        };
+        Config::try_from(args).unwrap_or_else(|e| exit_usage(&e.to_string()))
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let mut listeners = vec![
+            ("PILLION_INBOUND_ADDR", args.inbound_addr),
+            ("PILLION_ADMIN_ADDR", args.admin_addr),
+        ];
+        listeners.extend(args.outbound_addr.iter().map(|a| ("PILLION_OUTBOUND_ADDR", *a)));
+        for (i, (first, a)) in listeners.iter().enumerate() {
+            if let Some((second, _)) = listeners[i + 1..].iter().find(|(_, b)| a == b) {
+                return Err(ConfigError::ListenerClash {
+                    first,
+                    second,
+                    addr: *a,
+                });
+            }
+        }
+        Ok(Config {
+            inbound_addr: args.inbound_addr,
+            outbound_addrs: args.outbound_addr,
+            admin_addr: args.admin_addr,
+            log: args.log,
+            log_format: args.log_format,
+            shutdown_grace_period: args.shutdown_grace_period,
+            connect_timeout: args.connect_timeout,
+            tcp_keepalive: args.tcp_keepalive,
+            worker_threads: usize::from(args.worker_threads),
+        })
+    }
+}
+
+fn exit_usage(message: &str) -> ! {
+    eprintln!("pillion-proxy: {message}");
+    std::process::exit(2)
+}
+
+/// Clap's first error line, plus the environment variable, since either may have set the value.
+fn one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let env = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => env_of(arg),
+        _ => None,
+    };
+    match env {
+        Some(env) => format!("{first} (env {env})"),
+        None => first.to_string(),
+    }
+}
+
+fn env_of(arg: &str) -> Option<String> {
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let cmd = Args::command();
+    let found = cmd.get_arguments().find(|a| a.get_long() == Some(long))?;
+    Some(found.get_env()?.to_string_lossy().into_owned())
+}
+
+fn parse_filter(s: &str) -> Result<String, String> {
+    EnvFilter::try_new(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. `30s`, `500ms`, `2m`)"))
+}
+
+fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("must be greater than zero".to_string()),
+        d => Ok(d),
+    }
+}
+
+fn human_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let args = Args::try_parse_from(std::iter::once("pillion-proxy").chain(args.iter().copied()))
+            .map_err(|e| one_line(&e))?;
+        Config::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = parse(&[]).expect("defaults are valid");
+        assert_eq!(c.inbound_addr, "0.0.0.0:4143".parse().unwrap());
+        assert_eq!(c.outbound_addrs, vec!["127.0.0.1:4140".parse().unwrap()]);
+        assert_eq!(c.admin_addr, "0.0.0.0:4191".parse().unwrap());
+        assert_eq!(c.shutdown_grace_period, Duration::from_secs(30));
+        assert_eq!(c.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn several_outbound_listeners() {
+        let c = parse(&["--outbound-addr", "127.0.0.1:4140,[::1]:4140"]).unwrap();
+        assert_eq!(c.outbound_addrs.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_name_flag_variable_and_value() {
+        let e = parse(&["--inbound-addr", "nope"]).unwrap_err();
+        assert!(
+            e.contains("--inbound-addr") && e.contains("PILLION_INBOUND_ADDR") && e.contains("nope"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+
+        let e = parse(&["--shutdown-grace-period", "soon"]).unwrap_err();
+        assert!(e.contains("PILLION_SHUTDOWN_GRACE_PERIOD") && e.contains("soon"), "{e}");
+
+        let e = parse(&["--log", "info,[bad"]).unwrap_err();
+        assert!(e.contains("PILLION_LOG"), "{e}");
+
+        let e = parse(&["--connect-timeout", "0s"]).unwrap_err();
+        assert!(e.contains("greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn listeners_must_not_share_an_address() {
+        let e = parse(&["--admin-addr", "0.0.0.0:4143"]).unwrap_err();
+        assert!(
+            e.contains("PILLION_INBOUND_ADDR") && e.contains("PILLION_ADMIN_ADDR"),
+            "{e}"
+        );
+    }
+}

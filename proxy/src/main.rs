@@ -1,0 +1,46 @@
+//! `pillion-proxy`: configuration → runtime → run.
+
+mod accept;
+mod admin;
+mod app;
+mod config;
+mod drain;
+mod forward;
+mod inbound;
+mod logging;
+mod metrics;
+mod outbound;
+mod transport;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let config = config::Config::from_env_or_exit();
+    let log = logging::LogLevel::init(&config.log, config.log_format);
+
+    // One worker is the usual sidecar size: the proxy shares the pod's CPU with the app, and a
+    // single-threaded runtime avoids cross-thread wakeups on the data path.
+    let runtime = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pillion-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(app::run(config, log)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("pillion-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

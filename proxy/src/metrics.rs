@@ -1,0 +1,174 @@
+//! Prometheus metrics: one registry for the process, and per-direction handles resolved once at
+//! start-up so the data path only touches atomics, never a label map.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Which side of the pod a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+/// The process-wide registry, encoded by `GET /metrics`.
+pub struct Metrics {
+    registry: Registry,
+    tcp: TcpFamilies,
+}
+
+struct TcpFamilies {
+    opened: Family<DirectionLabels, Counter>,
+    open: Family<DirectionLabels, Gauge>,
+    read_bytes: Family<DirectionLabels, Counter>,
+    write_bytes: Family<DirectionLabels, Counter>,
+    connect_errors: Family<DirectionLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+}
+
+/// TCP counters for one direction; cloned into every connection task (each field is an `Arc`).
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    pub opened: Counter,
+    pub open: Gauge,
+    /// Bytes read from the peer that opened the connection.
+    pub read_bytes: Counter,
+    /// Bytes written back to that peer.
+    pub write_bytes: Counter,
+    pub connect_errors: Counter,
+    pub refused_loop: Counter,
+    pub refused_no_original_dst: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pillion");
+        let tcp = TcpFamilies {
+            opened: Family::default(),
+            open: Family::default(),
+            read_bytes: Family::default(),
+            write_bytes: Family::default(),
+            connect_errors: Family::default(),
+            refused: Family::default(),
+        };
+        registry.register(
+            "tcp_connections_opened",
+            "TCP connections accepted by the proxy",
+            tcp.opened.clone(),
+        );
+        registry.register(
+            "tcp_connections_open",
+            "TCP connections currently open",
+            tcp.open.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from the peer that opened the connection",
+            tcp.read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to the peer that opened the connection",
+            tcp.write_bytes.clone(),
+        );
+        registry.register(
+            "tcp_connect_errors",
+            "Upstream connections that failed or timed out",
+            tcp.connect_errors.clone(),
+        );
+        registry.register(
+            "tcp_connections_refused",
+            "Accepted connections closed without forwarding (reason: loop, no_original_dst)",
+            tcp.refused.clone(),
+        );
+        Metrics { registry, tcp }
+    }
+
+    /// Handles for one direction, label sets resolved here once.
+    pub fn tcp(&self, direction: Direction) -> TcpMetrics {
+        let labels = DirectionLabels {
+            direction: direction.as_str(),
+        };
+        let refused = |reason| {
+            self.tcp
+                .refused
+                .get_or_create(&RefusedLabels {
+                    direction: direction.as_str(),
+                    reason,
+                })
+                .clone()
+        };
+        TcpMetrics {
+            opened: self.tcp.opened.get_or_create(&labels).clone(),
+            open: self.tcp.open.get_or_create(&labels).clone(),
+            read_bytes: self.tcp.read_bytes.get_or_create(&labels).clone(),
+            write_bytes: self.tcp.write_bytes.get_or_create(&labels).clone(),
+            connect_errors: self.tcp.connect_errors.get_or_create(&labels).clone(),
+            refused_loop: refused("loop"),
+            refused_no_original_dst: refused("no_original_dst"),
+        }
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let metrics = Metrics::new();
+        let inbound = metrics.tcp(Direction::Inbound);
+        inbound.opened.inc();
+        inbound.read_bytes.inc_by(12);
+        metrics.tcp(Direction::Outbound).refused_loop.inc();
+        let text = metrics.encode();
+        assert!(
+            text.contains("pillion_tcp_connections_opened_total{direction=\"inbound\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pillion_tcp_read_bytes_total{direction=\"inbound\"} 12"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pillion_tcp_connections_open{direction=\"outbound\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pillion_tcp_connections_refused_total{direction=\"outbound\",reason=\"loop\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
