@@ -1,0 +1,70 @@
+//! Removing what we installed: a pure function from the live nat table to the restore input
+//! that deletes it, leaving every foreign rule alone.
+//!
+//! Ours is anything named `PILLION_*` plus the jumps into it. Jumps are deleted with `-D` and the
+//! exact spec iptables-save printed, so nothing else can match; then every chain of ours is
+//! flushed before any is deleted (they may refer to each other). All in one `COMMIT`.
+
+use crate::ruleset::{NatRuleset, is_ours};
+
+/// The restore input that removes our chains and jumps, or `None` when there is nothing of ours.
+pub fn uninstall(existing: &NatRuleset) -> Option<String> {
+    let chains: Vec<&str> = existing.our_chains().collect();
+    let jumps: Vec<_> = existing
+        .rules
+        .iter()
+        .filter(|r| !is_ours(&r.chain) && r.target().is_some_and(is_ours))
+        .collect();
+    if chains.is_empty() && jumps.is_empty() {
+        return None;
+    }
+    let mut out = String::from("*nat\n");
+    for rule in jumps {
+        out.push_str(&format!("-D {} {}\n", rule.chain, rule.spec));
+    }
+    for chain in &chains {
+        out.push_str(&format!("-F {chain}\n"));
+    }
+    for chain in &chains {
+        out.push_str(&format!("-X {chain}\n"));
+    }
+    out.push_str("COMMIT\n");
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::golden::assert_golden;
+
+    fn testdata(name: &str) -> String {
+        let path = format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn removes_our_jumps_and_chains_and_nothing_else() {
+        let existing = NatRuleset::parse(&testdata("cleanup_input.save"));
+        let out = uninstall(&existing).expect("there is something to remove");
+        assert_golden("cleanup.rules", &out);
+        assert!(!out.contains("app-chain"));
+        assert!(!out.contains("--dport 53"));
+    }
+
+    #[test]
+    fn nothing_installed_means_nothing_to_do() {
+        let fresh = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                     -A OUTPUT -p udp -m udp --dport 53 -j RETURN\nCOMMIT\n";
+        assert_eq!(uninstall(&NatRuleset::parse(fresh)), None);
+        assert_eq!(uninstall(&NatRuleset::default()), None);
+    }
+
+    #[test]
+    fn a_dangling_jump_alone_is_still_removed() {
+        let save = "*nat\n-A OUTPUT -j PILLION_OUTPUT\nCOMMIT\n";
+        assert_eq!(
+            uninstall(&NatRuleset::parse(save)).as_deref(),
+            Some("*nat\n-D OUTPUT -j PILLION_OUTPUT\nCOMMIT\n")
+        );
+    }
+}
