@@ -4,6 +4,7 @@
 
 use std::{io, net::SocketAddr, sync::Arc};
 
+use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -11,11 +12,17 @@ use crate::{
     accept,
     admin::{self, Admin, Readiness},
     config::Config,
+    detect::DetectSettings,
     drain::Drain,
+    http::{HttpProxy, HttpSettings, upstream::Pool},
     inbound::Inbound,
     logging::LogLevel,
     metrics::{Direction, Metrics},
     outbound::Outbound,
+    policy::{
+        file::FileError,
+        reload::{self, SharedPolicy},
+    },
     transport::{self, ConnectSettings},
 };
 
@@ -29,9 +36,18 @@ pub enum AppError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("invalid PILLION_CONFIG {0}")]
+    RouteFile(#[from] FileError),
 }
 
 pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
+    // The route file is checked before anything is bound: a bad file changes nothing.
+    let metrics = Arc::new(Metrics::new());
+    let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(reload::load(
+        config.route_file.as_deref(),
+        &metrics.http,
+    )?));
+
     let bind = |what, addr| transport::bind(addr).map_err(|source| AppError::Bind { what, addr, source });
     let admin_listener = bind("admin", config.admin_addr)?;
     let inbound_listener = bind("inbound", config.inbound_addr)?;
@@ -43,7 +59,6 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
-    let metrics = Arc::new(Metrics::new());
     let drain = Drain::new();
     let listeners_bound = Readiness::default();
     let connect = ConnectSettings {
@@ -51,9 +66,30 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         keepalive: config.tcp_keepalive,
     };
 
+    let http_settings = HttpSettings {
+        idle_timeout: config.http_idle_timeout,
+        max_header_bytes: config.http_max_header_bytes,
+    };
+    let detect = || DetectSettings {
+        timeout: config.detect_timeout,
+        opaque_ports: config.opaque_ports.clone(),
+    };
+    let http = |direction| HttpProxy {
+        direction,
+        policy: policy.clone(),
+        pool: Arc::new(Pool::new(connect)),
+        settings: http_settings,
+        drain: drain.clone(),
+    };
+    if let Some(path) = &config.route_file {
+        tokio::spawn(reload::watch(path.clone(), policy.clone(), metrics.http.clone()));
+    }
+
     let inbound = Arc::new(Inbound {
         connect,
         metrics: metrics.tcp(Direction::Inbound),
+        detect: detect(),
+        http: http(Direction::Inbound),
     });
     tokio::spawn(accept::serve(
         inbound_listener,
@@ -67,6 +103,8 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     let outbound = Arc::new(Outbound {
         connect,
         metrics: metrics.tcp(Direction::Outbound),
+        detect: detect(),
+        http: http(Direction::Outbound),
     });
     for listener in outbound_listeners {
         let outbound = outbound.clone();

@@ -3,7 +3,7 @@
 //! Everything an operator can get wrong is checked here, before a socket is bound, so a bad
 //! value is a one-line error naming the flag and its variable, with exit code 2 (the contract).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{
     CommandFactory, Parser, ValueEnum,
@@ -27,7 +27,19 @@ pub struct Config {
     #[serde(serialize_with = "human_duration")]
     pub tcp_keepalive: Duration,
     pub worker_threads: usize,
+    /// Route file (`PILLION_CONFIG`); reloaded on change.
+    pub route_file: Option<PathBuf>,
+    #[serde(serialize_with = "human_duration")]
+    pub detect_timeout: Duration,
+    pub opaque_ports: PortSet,
+    #[serde(serialize_with = "human_duration")]
+    pub http_idle_timeout: Duration,
+    pub http_max_header_bytes: usize,
 }
+
+/// Ports and ranges, e.g. `25,587,3306,9000-9100`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet(Vec<(u16, u16)>);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -88,6 +100,26 @@ struct Args {
     #[arg(long, env = "PILLION_TCP_KEEPALIVE", default_value = "10s", value_name = "DURATION", value_parser = parse_nonzero_duration)]
     tcp_keepalive: Duration,
 
+    /// Route file (routes, timeouts, retries; see docs/routes.md), reloaded when it changes.
+    #[arg(long = "config", env = "PILLION_CONFIG", value_name = "PATH")]
+    route_file: Option<PathBuf>,
+
+    /// Longest wait for a client's first bytes before treating the connection as opaque TCP.
+    #[arg(long, env = "PILLION_DETECT_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_nonzero_duration)]
+    detect_timeout: Duration,
+
+    /// Destination ports never inspected (server-speaks-first protocols), ports and ranges.
+    #[arg(long, env = "PILLION_OPAQUE_PORTS", default_value = "25,587,3306,4444,5432,6379,9300,11211", value_name = "PORTS", value_parser = parse_ports)]
+    opaque_ports: PortSet,
+
+    /// HTTP/1 connections: longest wait for the next request's headers, so also the keep-alive idle limit.
+    #[arg(long, env = "PILLION_HTTP_IDLE_TIMEOUT", default_value = "60s", value_name = "DURATION", value_parser = parse_nonzero_duration)]
+    http_idle_timeout: Duration,
+
+    /// Largest request head (request line and headers) accepted; larger ones get 431.
+    #[arg(long, env = "PILLION_HTTP_MAX_HEADER_BYTES", default_value = "65536", value_name = "BYTES", value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
+    http_max_header_bytes: u32,
+
     /// Runtime worker threads; 1 runs everything on one thread, the usual size for a sidecar.
     #[arg(long, env = "PILLION_WORKER_THREADS", default_value = "1", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=512))]
     worker_threads: u16,
@@ -144,6 +176,11 @@ impl TryFrom<Args> for Config {
             connect_timeout: args.connect_timeout,
             tcp_keepalive: args.tcp_keepalive,
             worker_threads: usize::from(args.worker_threads),
+            route_file: args.route_file,
+            detect_timeout: args.detect_timeout,
+            opaque_ports: args.opaque_ports,
+            http_idle_timeout: args.http_idle_timeout,
+            http_max_header_bytes: args.http_max_header_bytes as usize,
         })
     }
 }
@@ -188,6 +225,42 @@ fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
         Duration::ZERO => Err("must be greater than zero".to_string()),
         d => Ok(d),
     }
+}
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port))
+    }
+}
+
+impl Serialize for PortSet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text: Vec<String> = self
+            .0
+            .iter()
+            .map(|(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") })
+            .collect();
+        s.collect_str(&text.join(","))
+    }
+}
+
+fn parse_ports(s: &str) -> Result<PortSet, String> {
+    let port = |p: &str| match p.trim().parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+        Ok(n) => Ok(n),
+    };
+    let mut set = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let range = match item.split_once('-') {
+            Some((lo, hi)) => (port(lo)?, port(hi)?),
+            None => (port(item)?, port(item)?),
+        };
+        if range.0 > range.1 {
+            return Err(format!("range {item:?} ends before it starts"));
+        }
+        set.push(range);
+    }
+    Ok(PortSet(set))
 }
 
 fn human_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -237,6 +310,18 @@ mod tests {
 
         let e = parse(&["--connect-timeout", "0s"]).unwrap_err();
         assert!(e.contains("greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn opaque_ports_and_ranges() {
+        let c = parse(&[]).unwrap();
+        assert!(c.opaque_ports.contains(3306) && !c.opaque_ports.contains(80));
+        let c = parse(&["--opaque-ports", "9000-9100, 25"]).unwrap();
+        assert!(c.opaque_ports.contains(9050) && c.opaque_ports.contains(25) && !c.opaque_ports.contains(9101));
+        let e = parse(&["--opaque-ports", "10-5"]).unwrap_err();
+        assert!(e.contains("PILLION_OPAQUE_PORTS"), "{e}");
+        let e = parse(&["--opaque-ports", "0"]).unwrap_err();
+        assert!(e.contains("not a port"), "{e}");
     }
 
     #[test]

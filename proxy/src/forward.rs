@@ -30,6 +30,7 @@ const BUFFER_SIZE: usize = 64 * 1024;
 /// Connects to `target` and forwards `client` to it opaquely; logs one line if anything fails.
 pub async fn proxy_opaque(
     mut client: TcpStream,
+    prefix: &[u8],
     peer: SocketAddr,
     target: SocketAddr,
     direction: Direction,
@@ -46,6 +47,14 @@ pub async fn proxy_opaque(
             return;
         }
     };
+    // Bytes read while detecting the protocol go first.
+    if !prefix.is_empty() {
+        if let Err(error) = server.write_all(prefix).await {
+            tracing::info!(direction = direction.as_str(), %peer, %target, %error, "connection aborted");
+            return;
+        }
+        metrics.read_bytes.inc_by(prefix.len() as u64);
+    }
     match forward(&mut client, &mut server, metrics).await {
         Ok((sent, received)) => {
             tracing::debug!(direction = direction.as_str(), %peer, %target, sent, received, "connection closed");

@@ -4,12 +4,15 @@ mod accept;
 mod admin;
 mod app;
 mod config;
+mod detect;
 mod drain;
 mod forward;
+mod http;
 mod inbound;
 mod logging;
 mod metrics;
 mod outbound;
+mod policy;
 mod transport;
 
 use std::process::ExitCode;
@@ -37,6 +40,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(app::run(config, log)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ app::AppError::RouteFile(_)) => {
+            eprintln!("pillion-proxy: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("pillion-proxy: {e}");

@@ -1,11 +1,15 @@
 //! Prometheus metrics: one registry for the process, and per-direction handles resolved once at
 //! start-up so the data path only touches atomics, never a label map.
 
+use std::sync::Arc;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+use crate::{detect::Protocol, http::metrics::HttpMetrics};
 
 /// Which side of the pod a connection came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,6 +33,12 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DetectLabels {
+    direction: &'static str,
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusedLabels {
     direction: &'static str,
     reason: &'static str,
@@ -38,6 +48,7 @@ struct RefusedLabels {
 pub struct Metrics {
     registry: Registry,
     tcp: TcpFamilies,
+    pub http: Arc<HttpMetrics>,
 }
 
 struct TcpFamilies {
@@ -47,6 +58,7 @@ struct TcpFamilies {
     write_bytes: Family<DirectionLabels, Counter>,
     connect_errors: Family<DirectionLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    detected: Family<DetectLabels, Counter>,
 }
 
 /// TCP counters for one direction; cloned into every connection task (each field is an `Arc`).
@@ -61,6 +73,14 @@ pub struct TcpMetrics {
     pub connect_errors: Counter,
     pub refused_loop: Counter,
     pub refused_no_original_dst: Counter,
+    /// Indexed by [`Protocol`] order: http1, http2, tls, opaque.
+    detected: [Counter; 4],
+}
+
+impl TcpMetrics {
+    pub fn detected(&self, protocol: Protocol) -> &Counter {
+        &self.detected[protocol as usize]
+    }
 }
 
 impl Metrics {
@@ -73,6 +93,7 @@ impl Metrics {
             write_bytes: Family::default(),
             connect_errors: Family::default(),
             refused: Family::default(),
+            detected: Family::default(),
         };
         registry.register(
             "tcp_connections_opened",
@@ -104,7 +125,13 @@ impl Metrics {
             "Accepted connections closed without forwarding (reason: loop, no_original_dst)",
             tcp.refused.clone(),
         );
-        Metrics { registry, tcp }
+        registry.register(
+            "protocol_detections",
+            "Accepted connections by detected protocol (http1, http2, tls, opaque)",
+            tcp.detected.clone(),
+        );
+        let http = Arc::new(HttpMetrics::register(&mut registry));
+        Metrics { registry, tcp, http }
     }
 
     /// Handles for one direction, label sets resolved here once.
@@ -129,6 +156,15 @@ impl Metrics {
             connect_errors: self.tcp.connect_errors.get_or_create(&labels).clone(),
             refused_loop: refused("loop"),
             refused_no_original_dst: refused("no_original_dst"),
+            detected: [Protocol::Http1, Protocol::Http2, Protocol::Tls, Protocol::Opaque].map(|protocol| {
+                self.tcp
+                    .detected
+                    .get_or_create(&DetectLabels {
+                        direction: direction.as_str(),
+                        protocol: protocol.as_str(),
+                    })
+                    .clone()
+            }),
         }
     }
 

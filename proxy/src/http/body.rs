@@ -1,0 +1,180 @@
+//! Body types of the HTTP stack. Plain enums rather than boxed trait objects: the common case
+//! (a body streamed straight through from hyper) costs no allocation.
+//!
+//! Retries need the request body again. [`RequestBody::tee`] streams the body to the first
+//! attempt while keeping a copy (cheap `Bytes` clones) up to a limit; once the first attempt has
+//! sent it all, [`Replay::body`] produces it again. Bodies over the limit are not retried.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+pub enum RequestBody {
+    Empty,
+    Incoming(Incoming),
+    Tee(Incoming, Replay),
+    Replayed(VecDeque<Bytes>, Option<HeaderMap>),
+}
+
+/// The copy kept for retries; shared by the first attempt's body and the retry layer.
+#[derive(Clone)]
+pub struct Replay(Arc<Mutex<Copied>>);
+
+struct Copied {
+    frames: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    bytes: usize,
+    limit: usize,
+    complete: bool,
+    too_large: bool,
+}
+
+pub enum ResponseBody {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl RequestBody {
+    /// Wraps a body so that it can be replayed for retries if it stays within `limit` bytes.
+    pub fn tee(self, limit: usize) -> (RequestBody, Replay) {
+        let known_too_large = self.size_hint().lower() > limit as u64;
+        let replay = Replay(Arc::new(Mutex::new(Copied {
+            frames: Vec::new(),
+            trailers: None,
+            bytes: 0,
+            limit,
+            complete: self.is_end_stream(),
+            too_large: known_too_large,
+        })));
+        let body = match self {
+            RequestBody::Incoming(incoming) if !known_too_large => RequestBody::Tee(incoming, replay.clone()),
+            other => other,
+        };
+        (body, replay)
+    }
+}
+
+impl Replay {
+    /// The body again, if the first attempt consumed all of it and it fit the limit.
+    pub fn body(&self) -> Option<RequestBody> {
+        let copied = self.0.lock().ok()?;
+        if !copied.complete || copied.too_large {
+            return None;
+        }
+        if copied.frames.is_empty() && copied.trailers.is_none() {
+            return Some(RequestBody::Empty);
+        }
+        Some(RequestBody::Replayed(
+            copied.frames.iter().cloned().collect(),
+            copied.trailers.clone(),
+        ))
+    }
+
+    fn record(&self, frame: &Frame<Bytes>) {
+        let Ok(mut copied) = self.0.lock() else { return };
+        if copied.too_large {
+            return;
+        }
+        if let Some(data) = frame.data_ref() {
+            copied.bytes += data.len();
+            if copied.bytes > copied.limit {
+                copied.too_large = true;
+                copied.frames = Vec::new();
+                return;
+            }
+            copied.frames.push(data.clone());
+        } else if let Some(trailers) = frame.trailers_ref() {
+            copied.trailers = Some(trailers.clone());
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut copied) = self.0.lock() {
+            copied.complete = true;
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Incoming(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Tee(body, replay) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => replay.record(frame),
+                    Poll::Ready(None) => replay.finish(),
+                    _ => {}
+                }
+                polled
+            }
+            RequestBody::Replayed(frames, trailers) => match frames.pop_front() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Incoming(body) | RequestBody::Tee(body, _) => body.is_end_stream(),
+            RequestBody::Replayed(frames, trailers) => frames.is_empty() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Incoming(body) | RequestBody::Tee(body, _) => body.size_hint(),
+            RequestBody::Replayed(frames, _) => SizeHint::with_exact(frames.iter().map(|f| f.len() as u64).sum()),
+        }
+    }
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        ResponseBody::Full(Some(bytes.into()))
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream(body) => body.is_end_stream(),
+            ResponseBody::Full(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream(body) => body.size_hint(),
+            ResponseBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! HTTP metrics: per route and direction, request count and duration by status code, plus
+//! retries, timeouts and retry-budget exhaustion. Label values are route names from the config
+//! (never raw paths), so cardinality is bounded by the config.
+//!
+//! Each route resolves its handles when the policy is compiled; the common status codes are
+//! pre-resolved too, so recording a typical response touches two atomics and no label map.
+
+use std::{sync::Arc, time::Duration};
+
+use http::StatusCode;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::metrics::Direction;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResponseLabels {
+    direction: &'static str,
+    route: Arc<str>,
+    status_code: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    direction: &'static str,
+    route: Arc<str>,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct HttpMetrics {
+    requests: Family<ResponseLabels, Counter>,
+    durations: HistogramFamily<ResponseLabels>,
+    retries: Family<RouteLabels, Counter>,
+    timeouts: Family<RouteLabels, Counter>,
+    budget_exhausted: Family<RouteLabels, Counter>,
+    pub config_reloads_ok: Counter,
+    pub config_reloads_failed: Counter,
+}
+
+/// Handles for one route in one direction.
+pub struct RouteMetrics {
+    direction: &'static str,
+    route: Arc<str>,
+    common: Vec<(StatusCode, Counter, Histogram)>,
+    requests: Family<ResponseLabels, Counter>,
+    durations: HistogramFamily<ResponseLabels>,
+    pub retries: Counter,
+    pub timeouts: Counter,
+    pub budget_exhausted: Counter,
+}
+
+/// Statuses resolved up front for every route.
+const COMMON_STATUSES: [u16; 8] = [200, 201, 204, 404, 500, 502, 503, 504];
+
+fn duration_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl HttpMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = HttpMetrics {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            retries: Family::default(),
+            timeouts: Family::default(),
+            budget_exhausted: Family::default(),
+            config_reloads_ok: Counter::default(),
+            config_reloads_failed: Counter::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route and status code",
+            metrics.requests.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time from request to response headers, by route and status code",
+            Unit::Seconds,
+            metrics.durations.clone(),
+        );
+        registry.register(
+            "http_retries",
+            "Retried HTTP requests by route",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "http_timeouts",
+            "HTTP requests or attempts that timed out, by route",
+            metrics.timeouts.clone(),
+        );
+        registry.register(
+            "http_retry_budget_exhausted",
+            "Retries skipped because the destination's retry budget was spent",
+            metrics.budget_exhausted.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Route config files applied after a change",
+            metrics.config_reloads_ok.clone(),
+        );
+        registry.register(
+            "config_reload_errors",
+            "Route config files rejected after a change (the previous config stayed)",
+            metrics.config_reloads_failed.clone(),
+        );
+        metrics
+    }
+
+    /// Handles for `route`, inbound and outbound (indexed by `Direction as usize`).
+    pub fn route(&self, route: &str) -> [RouteMetrics; 2] {
+        let route: Arc<str> = route.into();
+        [Direction::Inbound, Direction::Outbound].map(|d| self.route_in(d, route.clone()))
+    }
+
+    fn route_in(&self, direction: Direction, route: Arc<str>) -> RouteMetrics {
+        let direction = direction.as_str();
+        let common = COMMON_STATUSES
+            .iter()
+            .filter_map(|code| StatusCode::from_u16(*code).ok())
+            .map(|status| {
+                let labels = ResponseLabels {
+                    direction,
+                    route: route.clone(),
+                    status_code: status.as_u16(),
+                };
+                let counter = self.requests.get_or_create(&labels).clone();
+                let histogram = self.durations.get_or_create(&labels).clone();
+                (status, counter, histogram)
+            })
+            .collect();
+        let labels = RouteLabels {
+            direction,
+            route: route.clone(),
+        };
+        RouteMetrics {
+            direction,
+            common,
+            requests: self.requests.clone(),
+            durations: self.durations.clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            timeouts: self.timeouts.get_or_create(&labels).clone(),
+            budget_exhausted: self.budget_exhausted.get_or_create(&labels).clone(),
+            route,
+        }
+    }
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some((_, counter, histogram)) = self.common.iter().find(|(s, _, _)| *s == status) {
+            counter.inc();
+            histogram.observe(secs);
+            return;
+        }
+        let labels = ResponseLabels {
+            direction: self.direction,
+            route: self.route.clone(),
+            status_code: status.as_u16(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.durations.get_or_create(&labels).observe(secs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+
+    #[test]
+    fn records_common_and_rare_statuses_under_the_contract_names() {
+        let mut registry = Registry::with_prefix("pillion");
+        let metrics = HttpMetrics::register(&mut registry);
+        let [inbound, outbound] = metrics.route("web-api");
+        inbound.record(StatusCode::OK, Duration::from_millis(3));
+        outbound.record(StatusCode::IM_A_TEAPOT, Duration::from_millis(3));
+        inbound.retries.inc();
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for want in [
+            r#"pillion_http_requests_total{direction="inbound",route="web-api",status_code="200"} 1"#,
+            r#"pillion_http_requests_total{direction="outbound",route="web-api",status_code="418"} 1"#,
+            r#"pillion_http_request_duration_seconds_count{direction="inbound",route="web-api",status_code="200"} 1"#,
+            r#"pillion_http_retries_total{direction="inbound",route="web-api"} 1"#,
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+}
+
+/// Records every response (real or synthetic) under its route.
+#[derive(Clone, Copy, Default)]
+pub struct MetricsLayer;
+
+#[derive(Clone)]
+pub struct Metered<S> {
+    inner: S,
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = Metered<S>;
+
+    fn layer(&self, inner: S) -> Metered<S> {
+        Metered { inner }
+    }
+}
+
+impl<S> tower::Service<super::ProxyRequest> for Metered<S>
+where
+    S: tower::Service<super::ProxyRequest, Response = super::ProxyResponse>,
+    S::Future: Send + 'static,
+{
+    type Response = super::ProxyResponse;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<super::ProxyResponse, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: super::ProxyRequest) -> Self::Future {
+        let ctx = req
+            .extensions()
+            .get::<super::route::RouteCtx>()
+            .map(|ctx| (ctx.route.clone(), ctx.direction));
+        let start = tokio::time::Instant::now();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let result = call.await;
+            if let (Some((route, direction)), Ok(rsp)) = (&ctx, &result) {
+                route.metrics[*direction as usize].record(rsp.status(), start.elapsed());
+            }
+            result
+        })
+    }
+}

@@ -1,0 +1,112 @@
+//! The HTTP path of a connection, once detection said HTTP/1 or HTTP/2.
+//!
+//! hyper serves the client connection; every request goes down one stack of tower layers, each
+//! with one job, outermost first:
+//!
+//! ```text
+//! route → metrics → errors → timeout(request) → retry → timeout(backendRequest) → upstream
+//! ```
+//!
+//! - `route` picks the route (and backend) from the live policy;
+//! - `metrics` records every answer, synthetic ones included, so it sits above `errors`;
+//! - `errors` turns proxy failures into synthetic responses with `pillion-proxy-error`;
+//! - the request timeout covers all attempts, the backend-request timeout one attempt;
+//! - `upstream` sends on a pooled connection in the client's protocol.
+
+pub mod body;
+pub mod errors;
+pub mod metrics;
+pub mod retry;
+pub mod route;
+pub mod timeout;
+pub mod upstream;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper::{body::Incoming, server::conn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tower::{Service, ServiceBuilder};
+use tracing::debug;
+
+use crate::{drain::Drain, metrics::Direction, policy::reload::SharedPolicy};
+use body::RequestBody;
+use upstream::{Pool, Upstream, Version};
+
+pub type ProxyRequest = http::Request<body::RequestBody>;
+pub type ProxyResponse = http::Response<body::ResponseBody>;
+
+#[derive(Clone, Copy, Debug)]
+pub struct HttpSettings {
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Everything the HTTP path of one direction shares across connections.
+pub struct HttpProxy {
+    pub direction: Direction,
+    pub policy: SharedPolicy,
+    pub pool: Arc<Pool>,
+    pub settings: HttpSettings,
+    pub drain: Drain,
+}
+
+impl HttpProxy {
+    /// Serves one client connection until it closes, or until drain asks it to finish.
+    pub async fn serve<I>(&self, io: I, version: Version, dst: SocketAddr, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let stack = ServiceBuilder::new()
+            .layer(route::RouteLayer::new(self.policy.clone(), self.direction, dst))
+            .layer(metrics::MetricsLayer)
+            .layer(errors::ErrorLayer)
+            .layer(timeout::TimeoutLayer(timeout::Scope::Request))
+            .layer(retry::RetryLayer)
+            .layer(timeout::TimeoutLayer(timeout::Scope::Attempt))
+            .service(Upstream::new(self.pool.clone(), version));
+        let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let mut stack = stack.clone();
+            stack.call(req.map(RequestBody::Incoming))
+        });
+        let io = TokioIo::new(io);
+        let served = match version {
+            Version::Http1 => {
+                let conn = conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(self.settings.idle_timeout)
+                    .max_buf_size(self.settings.max_header_bytes)
+                    .serve_connection(io, service)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    served = conn.as_mut() => served,
+                    () = self.drain.started() => {
+                        // HTTP/1: close after the response in flight (or now, if idle).
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+            Version::Http2 => {
+                let conn = conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(self.settings.max_header_bytes as u32)
+                    .adaptive_window(true)
+                    .serve_connection(io, service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    served = conn.as_mut() => served,
+                    () = self.drain.started() => {
+                        // HTTP/2: GOAWAY, let streams in flight finish.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+        if let Err(error) = served {
+            debug!(direction = self.direction.as_str(), %peer, %error, "HTTP connection ended with an error");
+        }
+    }
+}

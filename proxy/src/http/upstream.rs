@@ -1,0 +1,329 @@
+//! Upstream HTTP: connections to the target, pooled, and the requests sent on them.
+//!
+//! - HTTP/2: one multiplexed connection per target, shared by every client connection.
+//! - HTTP/1.1: a client connection holds the upstream connection it last used, so the steady
+//!   state of a keep-alive client takes no lock and no pool lookup; when the client connection
+//!   ends, its upstream connection goes back to a per-target idle pool for the next client.
+//! - A request that never left a pooled connection (the server closed it while idle) is sent
+//!   again on a fresh connection; nothing else is resent here (that is the retry layer's job).
+//! - `Upgrade` (WebSocket) and `CONNECT` get a dedicated connection; after the upstream agrees,
+//!   both sides become a raw byte tunnel.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tower::Service;
+use tracing::debug;
+
+use super::{ProxyRequest, ProxyResponse, body::ResponseBody, errors::ProxyError, route::RouteCtx};
+use crate::transport::{self, ConnectSettings};
+
+type H1 = http1::SendRequest<super::body::RequestBody>;
+type H2 = http2::SendRequest<super::body::RequestBody>;
+
+/// Idle HTTP/1 connections kept per target.
+const MAX_IDLE_PER_TARGET: usize = 32;
+
+/// Connections shared by all client connections of one direction.
+pub struct Pool {
+    connect: ConnectSettings,
+    h1_idle: Mutex<HashMap<SocketAddr, Vec<H1>>>,
+    h2: Mutex<HashMap<SocketAddr, H2>>,
+}
+
+/// Which protocol the upstream speaks: the one the client spoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+/// The upstream side of one client connection.
+#[derive(Clone)]
+pub struct Upstream {
+    session: Arc<Session>,
+    version: Version,
+}
+
+struct Session {
+    pool: Arc<Pool>,
+    held: Mutex<Option<(SocketAddr, H1)>>,
+}
+
+impl Pool {
+    pub fn new(connect: ConnectSettings) -> Self {
+        Pool {
+            connect,
+            h1_idle: Mutex::default(),
+            h2: Mutex::default(),
+        }
+    }
+
+    async fn connect_h1(&self, target: SocketAddr, upgrades: bool) -> Result<H1, ProxyError> {
+        let stream = transport::connect(target, self.connect)
+            .await
+            .map_err(ProxyError::Connect)?;
+        let (tx, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(ProxyError::Upstream)?;
+        tokio::spawn(async move {
+            let done = if upgrades {
+                conn.with_upgrades().await
+            } else {
+                conn.await
+            };
+            if let Err(error) = done {
+                debug!(%target, %error, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    async fn h2(&self, target: SocketAddr) -> Result<H2, ProxyError> {
+        if let Some(tx) = self
+            .h2
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&target).filter(|tx| !tx.is_closed()).cloned())
+        {
+            return Ok(tx);
+        }
+        let stream = transport::connect(target, self.connect)
+            .await
+            .map_err(ProxyError::Connect)?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ProxyError::Upstream)?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                debug!(%target, %error, "upstream HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut map) = self.h2.lock() {
+            map.insert(target, tx.clone());
+        }
+        Ok(tx)
+    }
+
+    fn take_idle_h1(&self, target: SocketAddr) -> Option<H1> {
+        let mut idle = self.h1_idle.lock().ok()?;
+        let list = idle.get_mut(&target)?;
+        while let Some(tx) = list.pop() {
+            if tx.is_ready() {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn put_idle_h1(&self, target: SocketAddr, tx: H1) {
+        if tx.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.h1_idle.lock() {
+            let list = idle.entry(target).or_default();
+            if list.len() < MAX_IDLE_PER_TARGET {
+                list.push(tx);
+            }
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(pool: Arc<Pool>, version: Version) -> Self {
+        Upstream {
+            session: Arc::new(Session {
+                pool,
+                held: Mutex::new(None),
+            }),
+            version,
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some((target, tx)) = self.held.get_mut().ok().and_then(|h| h.take()) {
+            self.pool.put_idle_h1(target, tx);
+        }
+    }
+}
+
+impl Session {
+    async fn h1(&self, target: SocketAddr) -> Result<H1, ProxyError> {
+        let held = self.held.lock().ok().and_then(|mut h| h.take());
+        if let Some((addr, tx)) = held {
+            if addr == target && tx.is_ready() {
+                return Ok(tx);
+            }
+            if addr != target {
+                self.pool.put_idle_h1(addr, tx);
+            }
+        }
+        match self.pool.take_idle_h1(target) {
+            Some(tx) => Ok(tx),
+            None => self.pool.connect_h1(target, false).await,
+        }
+    }
+
+    fn hold(&self, target: SocketAddr, tx: H1) {
+        if let Ok(mut held) = self.held.lock() {
+            if let Some((addr, previous)) = held.replace((target, tx)) {
+                self.pool.put_idle_h1(addr, previous);
+            }
+        }
+    }
+}
+
+impl Service<ProxyRequest> for Upstream {
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+        let session = self.session.clone();
+        let version = self.version;
+        Box::pin(async move {
+            let target = match req.extensions().get::<RouteCtx>() {
+                Some(ctx) => ctx.target,
+                None => return Err(ProxyError::Connect(std::io::Error::other("no route target"))),
+            };
+            let rsp = if version == Version::Http1 && is_upgrade(&req) {
+                tunnel(&session.pool, target, req).await?
+            } else {
+                send(&session, version, target, req).await?
+            };
+            Ok(rsp.map(ResponseBody::Upstream))
+        })
+    }
+}
+
+async fn send(
+    session: &Session,
+    version: Version,
+    target: SocketAddr,
+    mut req: ProxyRequest,
+) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
+    strip_hop_by_hop(req.headers_mut());
+    let mut rsp = match version {
+        Version::Http2 => {
+            let mut tx = session.pool.h2(target).await?;
+            tx.send_request(req).await.map_err(ProxyError::from_send)?
+        }
+        Version::Http1 => {
+            let mut tx = session.h1(target).await?;
+            match tx.try_send_request(req).await {
+                Ok(rsp) => {
+                    session.hold(target, tx);
+                    rsp
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the pooled connection had been closed by the server.
+                    Some(req) => {
+                        let mut tx = session.pool.connect_h1(target, false).await?;
+                        let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
+                        session.hold(target, tx);
+                        rsp
+                    }
+                    None => return Err(ProxyError::from_send(e.into_error())),
+                },
+            }
+        }
+    };
+    strip_hop_by_hop(rsp.headers_mut());
+    Ok(rsp)
+}
+
+/// Sends an upgrade or CONNECT request on its own connection and, if the upstream accepts,
+/// joins the two upgraded connections into a byte tunnel.
+async fn tunnel(
+    pool: &Pool,
+    target: SocketAddr,
+    mut req: ProxyRequest,
+) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
+    let client_side = hyper::upgrade::on(&mut req);
+    let is_connect = req.method() == Method::CONNECT;
+    let mut tx = pool.connect_h1(target, true).await?;
+    let mut rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
+    let accepted = rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
+    if accepted {
+        let server_side = hyper::upgrade::on(&mut rsp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_side, server_side) {
+                Ok((client, server)) => {
+                    let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                        debug!(%target, %error, "tunnel ended with an error");
+                    }
+                }
+                Err(error) => debug!(%target, %error, "upgrade failed"),
+            }
+        });
+    }
+    Ok(rsp)
+}
+
+fn is_upgrade<B>(req: &http::Request<B>) -> bool {
+    req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE)
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection and must not be
+/// forwarded. `te: trailers` stays: gRPC needs it end to end. hyper re-frames bodies itself.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(listed) = headers.remove(header::CONNECTION) {
+        if let Ok(listed) = listed.to_str() {
+            for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    if name != header::TE {
+                        headers.remove(name);
+                    }
+                }
+            }
+        }
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::UPGRADE);
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_end_to_end_ones_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-session".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("x-session", "abc".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert(header::HOST, "web:80".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["te", "host"]);
+    }
+}

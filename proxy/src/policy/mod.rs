@@ -1,0 +1,443 @@
+//! Route policy: the compiled form of the route file, looked up for every HTTP request.
+//!
+//! Lookups allocate nothing: destinations are found by host and port in hash maps, routes by a
+//! scan of rules pre-sorted by Gateway API precedence (exact path, longest prefix, method, most
+//! header matches, most query matches, then file order), and every route carries its metric
+//! handles, resolved here once rather than per request.
+
+pub mod file;
+pub mod reload;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{HeaderName, Method, StatusCode};
+use regex::Regex;
+use tower::retry::budget::TpsBudget;
+
+use crate::http::metrics::{HttpMetrics, RouteMetrics};
+use file::{
+    DestinationSpec, MatchSpec, PathMatchType, RetryCode, RouteFile, RouteSpec, ValueMatchSpec, ValueMatchType,
+};
+
+pub const DEFAULT_RETRY_BUFFER_BYTES: usize = 64 * 1024;
+const DEFAULT_BUDGET_PERCENT: f32 = 20.0;
+const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+const DEFAULT_BUDGET_TTL: Duration = Duration::from_secs(10);
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
+/// The route every request falls into when nothing in the file matches it.
+pub const DEFAULT_ROUTE: &str = "default";
+
+pub struct Policy {
+    by_host: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>>,
+    by_addr: HashMap<SocketAddr, Arc<Destination>>,
+    /// Destinations not in the file share one default route (and one retry budget).
+    fallback: Arc<Destination>,
+    pub retry_buffer_bytes: usize,
+}
+
+pub struct Destination {
+    rules: Vec<Rule>,
+    default_route: Arc<Route>,
+    pub budget: Arc<TpsBudget>,
+}
+
+struct Rule {
+    matcher: RouteMatch,
+    route: Arc<Route>,
+}
+
+pub struct Route {
+    pub name: Arc<str>,
+    pub request_timeout: Option<Duration>,
+    pub attempt_timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    backends: Vec<(u32, SocketAddr)>,
+    /// Indexed by [`crate::metrics::Direction`].
+    pub metrics: [RouteMetrics; 2],
+}
+
+pub struct RetryPolicy {
+    http: Vec<StatusCode>,
+    /// Bit n set = gRPC status n is retryable.
+    grpc: u32,
+    pub max_retries: u8,
+    pub backoff: Duration,
+}
+
+struct RouteMatch {
+    path: PathMatch,
+    method: Option<Method>,
+    headers: Vec<(HeaderName, ValueMatch)>,
+    query: Vec<(String, ValueMatch)>,
+}
+
+enum PathMatch {
+    Any,
+    Exact(String),
+    /// Stored without a trailing slash; matches whole path segments only.
+    Prefix(String),
+    Regex(Regex),
+}
+
+enum ValueMatch {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl Policy {
+    /// Validates and compiles a parsed file. Errors name the place in the file.
+    pub fn compile(file: RouteFile, metrics: &HttpMetrics) -> Result<Self, String> {
+        let mut by_host: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>> = HashMap::new();
+        let mut by_addr = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, spec) in file.destinations.into_iter().enumerate() {
+            let key = spec.destination.0.clone();
+            if !seen.insert(key.clone()) {
+                return Err(format!("destinations[{i}]: destination {key:?} is listed twice"));
+            }
+            let dst = Arc::new(Destination::compile(spec, metrics).map_err(|e| format!("destinations[{i}].{e}"))?);
+            match key.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    by_addr.insert(addr, dst);
+                }
+                Err(_) => {
+                    // Validated as host:port while parsing.
+                    let (host, port) = key.rsplit_once(':').unwrap_or((&key, "0"));
+                    let port = port.parse().unwrap_or(0);
+                    by_host.entry(host.into()).or_default().push((port, dst));
+                }
+            }
+        }
+        Ok(Policy {
+            by_host,
+            by_addr,
+            fallback: Arc::new(Destination::fallback(metrics)),
+            retry_buffer_bytes: file
+                .retry_buffer_bytes
+                .map_or(DEFAULT_RETRY_BUFFER_BYTES, |n| n as usize),
+        })
+    }
+
+    /// The policy with no file: one default route for everything.
+    pub fn empty(metrics: &HttpMetrics) -> Self {
+        Policy {
+            by_host: HashMap::new(),
+            by_addr: HashMap::new(),
+            fallback: Arc::new(Destination::fallback(metrics)),
+            retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
+        }
+    }
+
+    /// The destination a request is for: by its authority (Host / `:authority`) if the file names
+    /// it, else by the connection's original destination address.
+    pub fn destination(&self, authority: Option<&str>, dst: SocketAddr) -> &Arc<Destination> {
+        if let Some(found) = authority.and_then(|a| self.by_authority(a)) {
+            return found;
+        }
+        self.by_addr.get(&dst).unwrap_or(&self.fallback)
+    }
+
+    /// An authority without a port means port 80: the mesh carries plaintext HTTP.
+    fn by_authority(&self, authority: &str) -> Option<&Arc<Destination>> {
+        const DEFAULT_PORT: u16 = 80;
+        if self.by_host.is_empty() {
+            return None;
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().unwrap_or(DEFAULT_PORT)),
+            _ => (authority, DEFAULT_PORT),
+        };
+        let ports = match self.by_host.get(host) {
+            Some(ports) => ports,
+            // Hosts are case-insensitive; lowercase only in the rare case that it matters.
+            None if host.bytes().any(|b| b.is_ascii_uppercase()) => self.by_host.get(&*host.to_ascii_lowercase())?,
+            None => return None,
+        };
+        ports.iter().find(|(p, _)| *p == port).map(|(_, d)| d)
+    }
+}
+
+impl Destination {
+    fn compile(spec: DestinationSpec, metrics: &HttpMetrics) -> Result<Self, String> {
+        let budget = spec.retry_budget.as_ref();
+        let budget = TpsBudget::new(
+            budget.and_then(|b| b.ttl).map_or(DEFAULT_BUDGET_TTL, |t| t.0),
+            budget
+                .and_then(|b| b.min_retries_per_second)
+                .unwrap_or(DEFAULT_BUDGET_MIN_PER_SECOND)
+                .min(i32::MAX as u32 - 1),
+            budget.and_then(|b| b.percent).map_or(DEFAULT_BUDGET_PERCENT, |p| p.0) / 100.0,
+        );
+        let mut names = std::collections::HashSet::new();
+        let mut rules = Vec::new();
+        for (r, mut route_spec) in spec.routes.into_iter().enumerate() {
+            let name = route_spec.name.0.clone();
+            if !names.insert(name.clone()) {
+                return Err(format!(
+                    "routes[{r}]: route name {name:?} is used twice for this destination"
+                ));
+            }
+            // A route without `matches` matches every request (Gateway API: implicit `PathPrefix /`).
+            let match_specs = match std::mem::take(&mut route_spec.matches) {
+                none if none.is_empty() => vec![MatchSpec::default()],
+                some => some,
+            };
+            let route = Arc::new(Route::compile(route_spec, metrics).map_err(|e| format!("routes[{r}].{e}"))?);
+            for (m, spec) in match_specs.into_iter().enumerate() {
+                let matcher = RouteMatch::compile(spec).map_err(|e| format!("routes[{r}].matches[{m}].{e}"))?;
+                rules.push((
+                    matcher.precedence(),
+                    rules.len(),
+                    Rule {
+                        matcher,
+                        route: route.clone(),
+                    },
+                ));
+            }
+        }
+        rules.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        Ok(Destination {
+            rules: rules.into_iter().map(|(_, _, rule)| rule).collect(),
+            default_route: Arc::new(Route::default_route(metrics)),
+            budget: Arc::new(budget),
+        })
+    }
+
+    fn fallback(metrics: &HttpMetrics) -> Self {
+        Destination {
+            rules: Vec::new(),
+            default_route: Arc::new(Route::default_route(metrics)),
+            budget: Arc::new(TpsBudget::new(
+                DEFAULT_BUDGET_TTL,
+                DEFAULT_BUDGET_MIN_PER_SECOND,
+                DEFAULT_BUDGET_PERCENT / 100.0,
+            )),
+        }
+    }
+
+    /// The first rule (in precedence order) that matches, or the default route.
+    pub fn route<B>(&self, req: &http::Request<B>) -> &Arc<Route> {
+        self.rules
+            .iter()
+            .find(|rule| rule.matcher.matches(req))
+            .map_or(&self.default_route, |rule| &rule.route)
+    }
+}
+
+impl Route {
+    fn compile(spec: RouteSpec, metrics: &HttpMetrics) -> Result<Self, String> {
+        let enabled = |d: Option<file::HumanDuration>| d.map(|d| d.0).filter(|d| !d.is_zero());
+        let request_timeout = enabled(spec.timeouts.request);
+        let attempt_timeout = enabled(spec.timeouts.backend_request);
+        if let (Some(request), Some(attempt)) = (request_timeout, attempt_timeout) {
+            if attempt > request {
+                return Err(format!(
+                    "timeouts: backendRequest ({attempt:?}) must not exceed request ({request:?})"
+                ));
+            }
+        }
+        let retry = spec.retry.map(|r| {
+            let codes = if r.codes.is_empty() {
+                vec![
+                    RetryCode::Http(StatusCode::BAD_GATEWAY),
+                    RetryCode::Http(StatusCode::SERVICE_UNAVAILABLE),
+                    RetryCode::Http(StatusCode::GATEWAY_TIMEOUT),
+                    RetryCode::Grpc(14),
+                ]
+            } else {
+                r.codes
+            };
+            RetryPolicy {
+                http: codes
+                    .iter()
+                    .filter_map(|c| match c {
+                        RetryCode::Http(s) => Some(*s),
+                        RetryCode::Grpc(_) => None,
+                    })
+                    .collect(),
+                grpc: codes.iter().fold(0, |bits, c| match c {
+                    RetryCode::Grpc(n) => bits | (1 << n),
+                    RetryCode::Http(_) => bits,
+                }),
+                max_retries: r.attempts.unwrap_or(1),
+                backoff: r.backoff.map_or(DEFAULT_BACKOFF, |b| b.0),
+            }
+        });
+        let mut total = 0u32;
+        let mut backends = Vec::new();
+        for (i, b) in spec.backend_refs.iter().enumerate() {
+            if b.weight == 0 {
+                continue;
+            }
+            total = total
+                .checked_add(b.weight)
+                .ok_or_else(|| format!("backendRefs[{i}]: weights add up to more than {}", u32::MAX))?;
+            backends.push((total, b.address));
+        }
+        if !spec.backend_refs.is_empty() && backends.is_empty() {
+            return Err("backendRefs: every weight is 0, so no request could be sent".to_string());
+        }
+        let name: Arc<str> = spec.name.0.into();
+        Ok(Route {
+            metrics: metrics.route(&name),
+            name,
+            request_timeout,
+            attempt_timeout,
+            retry,
+            backends,
+        })
+    }
+
+    fn default_route(metrics: &HttpMetrics) -> Self {
+        Route {
+            name: DEFAULT_ROUTE.into(),
+            request_timeout: None,
+            attempt_timeout: None,
+            retry: None,
+            backends: Vec::new(),
+            metrics: metrics.route(DEFAULT_ROUTE),
+        }
+    }
+
+    /// Where to send the request: a weighted pick among `backendRefs`, else the original target.
+    pub fn backend(&self, original: SocketAddr) -> SocketAddr {
+        match self.backends.as_slice() {
+            [] => original,
+            [(_, only)] => *only,
+            all => {
+                let total = all.last().map_or(1, |(t, _)| *t);
+                let pick = fastrand::u32(0..total);
+                all.iter().find(|(upto, _)| pick < *upto).map_or(original, |(_, a)| *a)
+            }
+        }
+    }
+}
+
+impl RetryPolicy {
+    pub fn retries_status(&self, status: StatusCode) -> bool {
+        self.http.contains(&status)
+    }
+
+    pub fn retries_grpc(&self, code: u8) -> bool {
+        code < 32 && self.grpc & (1 << code) != 0
+    }
+}
+
+impl RouteMatch {
+    fn compile(spec: MatchSpec) -> Result<Self, String> {
+        let path = match spec.path {
+            None => PathMatch::Any,
+            Some(p) => {
+                if p.kind != PathMatchType::RegularExpression && !p.value.starts_with('/') {
+                    return Err(format!("path: {:?} must start with '/'", p.value));
+                }
+                match p.kind {
+                    PathMatchType::Exact => PathMatch::Exact(p.value),
+                    PathMatchType::PathPrefix => match p.value.trim_end_matches('/') {
+                        "" => PathMatch::Any,
+                        prefix => PathMatch::Prefix(prefix.to_string()),
+                    },
+                    PathMatchType::RegularExpression => {
+                        PathMatch::Regex(anchored(&p.value).map_err(|e| format!("path: {e}"))?)
+                    }
+                }
+            }
+        };
+        let value = |v: ValueMatchSpec, what: &str| -> Result<ValueMatch, String> {
+            Ok(match v.kind {
+                ValueMatchType::Exact => ValueMatch::Exact(v.value),
+                ValueMatchType::RegularExpression => {
+                    ValueMatch::Regex(anchored(&v.value).map_err(|e| format!("{what} {:?}: {e}", v.name))?)
+                }
+            })
+        };
+        let mut headers = Vec::new();
+        for h in spec.headers {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("headers: invalid header name {:?}", h.name))?;
+            headers.push((name, value(h, "headers")?));
+        }
+        let mut query = Vec::new();
+        for q in spec.query_params {
+            query.push((q.name.clone(), value(q, "queryParams")?));
+        }
+        Ok(RouteMatch {
+            path,
+            method: spec.method.map(|m| m.0),
+            headers,
+            query,
+        })
+    }
+
+    /// Sort key: smaller sorts first (wins).
+    fn precedence(
+        &self,
+    ) -> (
+        u8,
+        std::cmp::Reverse<usize>,
+        bool,
+        std::cmp::Reverse<usize>,
+        std::cmp::Reverse<usize>,
+    ) {
+        let (rank, len) = match &self.path {
+            PathMatch::Exact(p) => (0, p.len()),
+            PathMatch::Prefix(p) => (1, p.len()),
+            PathMatch::Any => (1, 0),
+            PathMatch::Regex(_) => (2, 0),
+        };
+        (
+            rank,
+            std::cmp::Reverse(len),
+            self.method.is_none(),
+            std::cmp::Reverse(self.headers.len()),
+            std::cmp::Reverse(self.query.len()),
+        )
+    }
+
+    fn matches<B>(&self, req: &http::Request<B>) -> bool {
+        let path = req.uri().path();
+        let path_ok = match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => {
+                path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+            }
+            PathMatch::Regex(re) => re.is_match(path),
+        };
+        path_ok
+            && self.method.as_ref().is_none_or(|m| m == req.method())
+            && self.headers.iter().all(|(name, want)| {
+                req.headers()
+                    .get_all(name)
+                    .iter()
+                    .any(|v| v.to_str().is_ok_and(|v| want.matches(v)))
+            })
+            && (self.query.is_empty() || self.query_matches(req.uri().query().unwrap_or("")))
+    }
+
+    fn query_matches(&self, query: &str) -> bool {
+        self.query.iter().all(|(name, want)| {
+            query.split('&').any(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                k == name && want.matches(v)
+            })
+        })
+    }
+}
+
+impl ValueMatch {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            ValueMatch::Exact(want) => value == want,
+            ValueMatch::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+/// Gateway API regular expressions match the whole value.
+fn anchored(pattern: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("invalid regular expression: {e}"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+use std::net::SocketAddr;
+
+use prometheus_client::registry::Registry;
+
+use super::*;
+
+fn compile(yaml: &str) -> Result<Policy, String> {
+    let metrics = HttpMetrics::register(&mut Registry::default());
+    Policy::compile(RouteFile::parse(yaml)?, &metrics)
+}
+
+fn compile_err(yaml: &str) -> String {
+    match compile(yaml) {
+        Ok(_) => panic!("accepted an invalid policy:\n{yaml}"),
+        Err(e) => e,
+    }
+}
+
+fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    let mut b = http::Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap()
+}
+
+const DST: &str = "10.0.0.9:8080";
+
+fn route_name(policy: &Policy, authority: Option<&str>, r: &http::Request<()>) -> String {
+    let dst: SocketAddr = DST.parse().unwrap();
+    policy.destination(authority, dst).route(r).name.to_string()
+}
+
+const ROUTES: &str = r#"
+destinations:
+  - destination: web.ns.svc:80
+    routes:
+      - name: prefix-api
+        matches: [{ path: { type: PathPrefix, value: /api } }]
+      - name: prefix-api-v1
+        matches: [{ path: { type: PathPrefix, value: /api/v1/ } }]
+      - name: exact-health
+        matches: [{ path: { type: Exact, value: /api/health } }]
+      - name: post-only
+        matches: [{ path: { value: /api }, method: POST }]
+      - name: canary
+        matches: [{ path: { value: /api }, method: POST, headers: [{ name: x-canary, value: "yes" }] }]
+      - name: debug
+        matches: [{ path: { type: RegularExpression, value: "/debug/[0-9]+" }, queryParams: [{ name: v, value: "2" }] }]
+  - destination: "10.0.0.9:8080"
+    routes:
+      - name: by-address
+"#;
+
+#[test]
+fn gateway_api_precedence() {
+    let p = compile(ROUTES).unwrap();
+    let host = Some("web.ns.svc");
+    assert_eq!(route_name(&p, host, &req("GET", "/api/health", &[])), "exact-health");
+    assert_eq!(route_name(&p, host, &req("GET", "/api/v1/users", &[])), "prefix-api-v1");
+    assert_eq!(route_name(&p, host, &req("GET", "/api/v2", &[])), "prefix-api");
+    assert_eq!(route_name(&p, host, &req("POST", "/api/v2", &[])), "post-only");
+    assert_eq!(
+        route_name(&p, host, &req("POST", "/api/x", &[("x-canary", "yes")])),
+        "canary"
+    );
+    // Prefixes match whole segments only.
+    assert_eq!(route_name(&p, host, &req("GET", "/apix", &[])), DEFAULT_ROUTE);
+    assert_eq!(route_name(&p, host, &req("GET", "/debug/42?v=2", &[])), "debug");
+    assert_eq!(route_name(&p, host, &req("GET", "/debug/42x?v=2", &[])), DEFAULT_ROUTE);
+    assert_eq!(route_name(&p, host, &req("GET", "/debug/42?v=3", &[])), DEFAULT_ROUTE);
+}
+
+#[test]
+fn destinations_by_authority_then_address() {
+    let p = compile(ROUTES).unwrap();
+    let r = req("GET", "/anything", &[]);
+    // Host with explicit port, upper case, or without port (meaning 80).
+    assert_eq!(
+        route_name(&p, Some("WEB.ns.svc:80"), &req("GET", "/api", &[])),
+        "prefix-api"
+    );
+    assert_eq!(route_name(&p, Some("other:80"), &r), "by-address");
+    assert_eq!(route_name(&p, None, &r), "by-address");
+    let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    assert_eq!(&*p.destination(Some("unknown:80"), dst).route(&r).name, DEFAULT_ROUTE);
+}
+
+#[test]
+fn invalid_policies_are_refused_with_their_place() {
+    let e = compile_err("destinations:\n  - destination: a:80\n  - destination: a:80\n");
+    assert!(e.contains("destinations[1]") && e.contains("twice"), "{e}");
+    let e = compile_err(
+        "destinations:\n  - destination: a:80\n    routes: [{ name: r, matches: [{ path: { type: RegularExpression, value: \"(\" } }] }]\n",
+    );
+    assert!(
+        e.contains("routes[0].matches[0].path") && e.contains("regular expression"),
+        "{e}"
+    );
+    let e = compile_err(
+        "destinations:\n  - destination: a:80\n    routes: [{ name: r, timeouts: { request: 1s, backendRequest: 2s } }]\n",
+    );
+    assert!(e.contains("backendRequest"), "{e}");
+    let e = compile_err(
+        "destinations:\n  - destination: a:80\n    routes: [{ name: r, matches: [{ path: { value: api } }] }]\n",
+    );
+    assert!(e.contains("must start with '/'"), "{e}");
+}
+
+#[test]
+fn retry_codes_and_zero_timeouts() {
+    let p = compile(
+        "destinations:\n  - destination: a:80\n    routes: [{ name: r, timeouts: { request: 0s, backendRequest: 1s }, retry: { codes: [503, UNAVAILABLE], attempts: 3 } }]\n",
+    )
+    .unwrap();
+    let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    let route = p.destination(Some("a:80"), dst).route(&req("GET", "/", &[])).clone();
+    assert_eq!(route.request_timeout, None, "0s disables");
+    assert_eq!(route.attempt_timeout, Some(Duration::from_secs(1)));
+    let retry = route.retry.as_ref().unwrap();
+    assert!(retry.retries_status(StatusCode::SERVICE_UNAVAILABLE));
+    assert!(!retry.retries_status(StatusCode::BAD_GATEWAY));
+    assert!(retry.retries_grpc(14) && !retry.retries_grpc(2));
+    assert_eq!(retry.max_retries, 3);
+}
+
+#[test]
+fn weighted_backends_split_traffic() {
+    let p = compile(
+        "destinations:\n  - destination: a:80\n    routes: [{ name: r, backendRefs: [{ address: \"10.0.0.1:80\", weight: 3 }, { address: \"10.0.0.2:80\", weight: 1 }, { address: \"10.0.0.3:80\", weight: 0 }] }]\n",
+    )
+    .unwrap();
+    let original: SocketAddr = "10.9.9.9:80".parse().unwrap();
+    let route = p
+        .destination(Some("a:80"), original)
+        .route(&req("GET", "/", &[]))
+        .clone();
+    let mut counts = HashMap::new();
+    for _ in 0..4000 {
+        *counts.entry(route.backend(original)).or_insert(0) += 1;
+    }
+    let first = counts[&"10.0.0.1:80".parse().unwrap()];
+    assert!((2700..3300).contains(&first), "{counts:?}");
+    assert!(!counts.contains_key(&"10.0.0.3:80".parse().unwrap()));
+    assert!(!counts.contains_key(&original));
+}
