@@ -46,9 +46,7 @@ pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
         Some((addr, prefix)) => (addr, Some(prefix)),
         None => (s, None),
     };
-    let addr: IpAddr = addr
-        .parse()
-        .map_err(|e: std::net::AddrParseError| e.to_string())?;
+    let addr: IpAddr = addr.parse().map_err(|e: std::net::AddrParseError| e.to_string())?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
         None => max,

@@ -47,8 +47,10 @@ mod tests {
         let existing = NatRuleset::parse(&testdata("cleanup_input.save"));
         let out = uninstall(&existing).expect("there is something to remove");
         assert_golden("cleanup.rules", &out);
-        assert!(!out.contains("app-chain"));
+        // The foreign chain keeps its hook and itself; only its jump into our chain goes.
         assert!(!out.contains("--dport 53"));
+        assert!(!out.contains("-F app-chain") && !out.contains("-X app-chain"));
+        assert!(out.contains("-D app-chain -j PILLION_OUTPUT\n"));
     }
 
     #[test]

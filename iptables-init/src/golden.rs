@@ -11,7 +11,10 @@ pub fn assert_golden(name: &str, actual: &str) {
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{}: {e} (run with PILLION_UPDATE_GOLDEN=1 to create it)", path.display())
+        panic!(
+            "{}: {e} (run with PILLION_UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
     });
     assert!(
         expected == actual,

@@ -45,12 +45,12 @@ fe80000000000000b0c1d2fffee3f4a5 02 40 20 80     eth0
 
     #[test]
     fn a_global_address_on_a_real_interface_counts() {
-        let with_global = format!(
-            "{LO_AND_LINK_LOCAL}fd000001000000000000000000000002 02 40 00 80     eth0\n"
-        );
+        let with_global = format!("{LO_AND_LINK_LOCAL}fd000001000000000000000000000002 02 40 00 80     eth0\n");
         assert!(has_global_address(&with_global));
         // Tentative (DAD still running) is still the pod's address.
-        assert!(has_global_address("20010db8000000000000000000000005 03 40 00 c0 net1\n"));
+        assert!(has_global_address(
+            "20010db8000000000000000000000005 03 40 00 c0 net1\n"
+        ));
     }
 
     #[test]

@@ -64,7 +64,10 @@ pub fn parse_port_ranges(s: &str) -> Result<Vec<PortRange>, String> {
 fn parse_port_range(item: &str) -> Result<PortRange, String> {
     let Some((first, last)) = item.split_once('-') else {
         let port = parse_port(item)?;
-        return Ok(PortRange { first: port, last: port });
+        return Ok(PortRange {
+            first: port,
+            last: port,
+        });
     };
     let (first, last) = (parse_port(first)?, parse_port(last)?);
     if first > last {

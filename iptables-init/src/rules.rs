@@ -11,7 +11,7 @@
 use crate::{
     config::RedirectPolicy,
     family::Family,
-    ruleset::{NatRuleset, is_ours},
+    ruleset::{NatRuleset, SavedRule, is_ours},
 };
 
 pub const INBOUND_CHAIN: &str = "PILLION_PREROUTING";
@@ -77,7 +77,7 @@ pub fn install(policy: &RedirectPolicy, family: Family, existing: &NatRuleset) -
 
 /// Which hooks already have their jump (to keep), and which jumps into our chains must go:
 /// duplicates, conditional variants and jumps to chains we no longer use.
-fn reconcile_jumps(existing: &NatRuleset) -> ([bool; 2], Vec<&crate::ruleset::SavedRule>) {
+fn reconcile_jumps(existing: &NatRuleset) -> ([bool; 2], Vec<&SavedRule>) {
     let mut kept = [false; 2];
     let mut stale = Vec::new();
     for rule in existing.rules.iter().filter(|r| !is_ours(&r.chain)) {
@@ -154,7 +154,11 @@ fn outbound_rules(policy: &RedirectPolicy, family: Family) -> Vec<String> {
             "-j RETURN",
         ));
     }
-    for subnet in policy.outbound_subnets_to_ignore.iter().filter(|s| s.family() == family) {
+    for subnet in policy
+        .outbound_subnets_to_ignore
+        .iter()
+        .filter(|s| s.family() == family)
+    {
         rules.push(rule(
             OUTBOUND_CHAIN,
             &format!("-d {subnet}"),
@@ -174,7 +178,11 @@ fn outbound_rules(policy: &RedirectPolicy, family: Family) -> Vec<String> {
 /// One `-A` line, written the way iptables-save prints it back (matches, comment, target), so
 /// the dry-run output and the live ruleset read the same. Comments must not contain `'` or `"`.
 fn rule(chain: &str, matches: &str, comment: &str, target: &str) -> String {
-    let matches = if matches.is_empty() { String::new() } else { format!("{matches} ") };
+    let matches = if matches.is_empty() {
+        String::new()
+    } else {
+        format!("{matches} ")
+    };
     format!("-A {chain} {matches}-m comment --comment \"pillion: {comment}\" {target}")
 }
 
@@ -203,8 +211,7 @@ mod tests {
             proxy_gid: Some(1338),
             inbound_ports_to_ignore: parse_port_ranges("4190,4191,9000-9100").unwrap(),
             outbound_ports_to_ignore: parse_port_ranges("25,443,8000-8999").unwrap(),
-            outbound_subnets_to_ignore: parse_cidrs("10.0.0.0/8,fd00::/8,169.254.169.254,2001:db8::/32")
-                .unwrap(),
+            outbound_subnets_to_ignore: parse_cidrs("10.0.0.0/8,fd00::/8,169.254.169.254,2001:db8::/32").unwrap(),
         }
     }
 
