@@ -111,11 +111,15 @@ impl Body for RequestBody {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Incoming(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Tee(body, replay) => {
-                let polled = Pin::new(body).poll_frame(cx);
+                let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => replay.record(frame),
                     Poll::Ready(None) => replay.finish(),
                     _ => {}
+                }
+                // hyper stops polling a body of known length once it reports its end.
+                if body.is_end_stream() {
+                    replay.finish();
                 }
                 polled
             }

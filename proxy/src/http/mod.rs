@@ -21,6 +21,9 @@ pub mod route;
 pub mod timeout;
 pub mod upstream;
 
+#[cfg(test)]
+mod tests;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::{body::Incoming, server::conn};

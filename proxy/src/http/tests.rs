@@ -1,0 +1,412 @@
+//! The whole HTTP stack in process: a client on one end of an in-memory stream, [`HttpProxy`]
+//! serving the other end, and a real upstream server on loopback.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
+    net::TcpListener,
+};
+
+use super::{HttpProxy, HttpSettings, upstream::Pool, upstream::Version};
+use crate::{
+    drain::Drain,
+    metrics::{Direction, Metrics},
+    policy::{Policy, file::RouteFile},
+    transport::ConnectSettings,
+};
+
+type UpBody = BoxBody<Bytes, Infallible>;
+type Handler = Arc<dyn Fn(Request<Incoming>, usize) -> Response<UpBody> + Send + Sync>;
+
+/// A loopback HTTP/1+HTTP/2 server that counts requests; `handler` gets the request number.
+async fn upstream(handler: Handler) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (handler, seen) = (handler.clone(), seen.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    let handler = handler.clone();
+                    async move {
+                        // `x-delay-ms` makes the upstream slow without blocking the runtime.
+                        let delay = req
+                            .headers()
+                            .get("x-delay-ms")
+                            .and_then(|v| v.to_str().ok()?.parse().ok());
+                        if let Some(ms) = delay {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        Ok::<_, Infallible>(handler(req, n))
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+fn text(status: u16, body: &'static str) -> Response<UpBody> {
+    let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+    *rsp.status_mut() = StatusCode::from_u16(status).unwrap();
+    rsp
+}
+
+struct Proxy {
+    metrics: Arc<Metrics>,
+}
+
+/// Starts the proxy's HTTP stack for one client connection to `dst` with `routes` (YAML).
+fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Proxy) {
+    let metrics = Arc::new(Metrics::new());
+    let policy = Policy::compile(RouteFile::parse(routes).unwrap(), &metrics.http).unwrap();
+    let http = HttpProxy {
+        direction: Direction::Outbound,
+        policy: Arc::new(ArcSwap::from_pointee(policy)),
+        pool: Arc::new(Pool::new(ConnectSettings {
+            timeout: Duration::from_secs(1),
+            keepalive: Duration::from_secs(10),
+        })),
+        settings: HttpSettings {
+            idle_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+        },
+        drain: Drain::new(),
+    };
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
+    tokio::spawn(async move { http.serve(server, version, dst, peer).await });
+    (client, Proxy { metrics })
+}
+
+impl Proxy {
+    fn metric(&self, line_prefix: &str) -> u64 {
+        let text = self.metrics.encode();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+async fn h1_client(io: DuplexStream) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path).header("host", "web").body(Full::default()).unwrap()
+}
+
+async fn body_of(rsp: Response<Incoming>) -> String {
+    String::from_utf8(rsp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+const API_ROUTE: &str = r#"
+destinations:
+  - destination: web:80
+    routes:
+      - name: api
+        matches: [{ path: { value: /api } }]
+"#;
+
+#[tokio::test]
+async fn http1_is_proxied_and_counted_under_its_route() {
+    let (addr, hits) = upstream(Arc::new(|req, _| {
+        assert_eq!(req.headers()["host"], "web", "Host is kept");
+        assert!(!req.headers().contains_key("x-hop"), "hop-by-hop header removed");
+        text(200, "hello")
+    }))
+    .await;
+    let (io, proxy) = proxy(API_ROUTE, Version::Http1, addr);
+    let mut client = h1_client(io).await;
+    for _ in 0..3 {
+        let req = Request::get("/api/x")
+            .header("host", "web")
+            .header("connection", "x-hop")
+            .header("x-hop", "1")
+            .body(Full::default())
+            .unwrap();
+        let rsp = client.send_request(req).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(body_of(rsp).await, "hello");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        proxy.metric(r#"pillion_http_requests_total{direction="outbound",route="api",status_code="200"}"#),
+        3
+    );
+}
+
+async fn h2_client(io: DuplexStream) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+#[tokio::test]
+async fn http2_keeps_authority_and_delivers_trailers() {
+    let (addr, _) = upstream(Arc::new(|req, _| {
+        assert_eq!(req.version(), http::Version::HTTP_2);
+        assert_eq!(req.uri().authority().map(|a| a.as_str()), Some("web"));
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body = Full::new(Bytes::from_static(b"reply"))
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        Response::new(body)
+    }))
+    .await;
+    let (io, proxy) = proxy(API_ROUTE, Version::Http2, addr);
+    let mut client = h2_client(io).await;
+    // Several concurrent streams over the one client connection.
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let req = Request::get("http://web/api/call").body(Full::default()).unwrap();
+        calls.push(client.send_request(req));
+    }
+    for call in calls {
+        let rsp = call.await.unwrap();
+        let collected = rsp.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().map(|t| t["grpc-status"].clone()),
+            Some("0".parse().unwrap())
+        );
+        assert_eq!(collected.to_bytes(), "reply");
+    }
+    assert_eq!(
+        proxy.metric(r#"pillion_http_requests_total{direction="outbound",route="api",status_code="200"}"#),
+        4
+    );
+}
+
+const RETRY_ROUTE: &str = r#"
+destinations:
+  - destination: web:80
+    routes:
+      - name: retried
+        retry: { codes: [503], attempts: 2, backoff: 1ms }
+"#;
+
+#[tokio::test]
+async fn a_503_is_retried_and_the_body_replayed() {
+    let (addr, hits) = upstream(Arc::new(|req, n| {
+        if n == 0 {
+            return text(503, "busy");
+        }
+        assert_eq!(req.headers()["content-length"], "7");
+        text(200, "second")
+    }))
+    .await;
+    let (io, proxy) = proxy(RETRY_ROUTE, Version::Http1, addr);
+    let mut client = h1_client(io).await;
+    let req = Request::post("/submit")
+        .header("host", "web")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    let rsp = client.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(body_of(rsp).await, "second");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        proxy.metric(r#"pillion_http_retries_total{direction="outbound",route="retried"}"#),
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm() {
+    const ROUTE: &str = r#"
+destinations:
+  - destination: web:80
+    retryBudget: { percent: 10, minRetriesPerSecond: 1, ttl: 1s }
+    routes:
+      - name: storm
+        retry: { codes: [503], attempts: 3, backoff: 0s }
+"#;
+    let (addr, hits) = upstream(Arc::new(|_, _| text(503, "down"))).await;
+    let (io, proxy) = proxy(ROUTE, Version::Http1, addr);
+    let mut client = h1_client(io).await;
+    const REQUESTS: usize = 100;
+    for _ in 0..REQUESTS {
+        let rsp = client.send_request(get("/")).await.unwrap();
+        // Budget exhausted: the client gets the upstream's real answer, not a synthetic one.
+        assert_eq!(rsp.status(), 503);
+        assert!(!rsp.headers().contains_key("pillion-proxy-error"));
+        body_of(rsp).await;
+    }
+    let attempts = hits.load(Ordering::SeqCst);
+    // Without a budget: 400 attempts. With it: the requests, 10% of them, and a small reserve.
+    assert!(
+        (REQUESTS..=REQUESTS + 20).contains(&attempts),
+        "upstream saw {attempts} attempts"
+    );
+    assert!(proxy.metric(r#"pillion_http_retry_budget_exhausted_total{direction="outbound",route="storm"}"#) > 0);
+}
+
+#[tokio::test]
+async fn a_slow_attempt_times_out_with_504() {
+    const ROUTE: &str = r#"
+destinations:
+  - destination: web:80
+    routes:
+      - name: slow
+        timeouts: { backendRequest: 100ms }
+"#;
+    let (addr, _) = upstream(Arc::new(|_, _| text(200, "late"))).await;
+    let (io, proxy) = proxy(ROUTE, Version::Http1, addr);
+    let mut client = h1_client(io).await;
+    let mut req = get("/");
+    req.headers_mut().insert("x-delay-ms", "400".parse().unwrap());
+    let rsp = client.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), 504);
+    assert_eq!(rsp.headers()["pillion-proxy-error"], "backend request timeout");
+    assert_eq!(
+        proxy.metric(r#"pillion_http_timeouts_total{direction="outbound",route="slow"}"#),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502_or_unavailable_for_grpc() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (io, _proxy) = proxy("", Version::Http1, closed);
+    let mut client = h1_client(io).await;
+    let rsp = client.send_request(get("/")).await.unwrap();
+    assert_eq!(rsp.status(), 502);
+    assert_eq!(rsp.headers()["pillion-proxy-error"], "upstream unreachable");
+    body_of(rsp).await;
+
+    let req = Request::post("/pkg.Svc/Method")
+        .header("host", "web")
+        .header("content-type", "application/grpc")
+        .body(Full::default())
+        .unwrap();
+    let rsp = client.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(rsp.headers()["grpc-status"], "14");
+}
+
+/// Writes raw bytes and returns everything the proxy answers until it closes.
+async fn raw_exchange(mut io: DuplexStream, request: &[u8]) -> String {
+    io.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn smuggling_shaped_requests_are_refused_before_forwarding() {
+    let (addr, hits) = upstream(Arc::new(|_, _| text(200, "ok"))).await;
+    let conflicting = b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!";
+    let (io, _) = proxy("", Version::Http1, addr);
+    let answer = raw_exchange(io, conflicting).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let bad_chunk = b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n";
+    let (io, _) = proxy("", Version::Http1, addr);
+    let answer = raw_exchange(io, bad_chunk).await;
+    assert!(!answer.contains(" 200 "), "{answer}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing reached the upstream complete");
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let (addr, hits) = upstream(Arc::new(|_, _| text(200, "ok"))).await;
+    let (io, _) = proxy("", Version::Http1, addr);
+    let big = "a".repeat(20 * 1024);
+    let request = format!("GET / HTTP/1.1\r\nHost: web\r\nX-Big: {big}\r\n\r\n");
+    let answer = raw_exchange(io, request.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_upgrade_becomes_a_byte_tunnel() {
+    let (addr, _) = upstream(Arc::new(|mut req, _| {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let mut io = TokioIo::new(on_upgrade.await.unwrap());
+            let mut buf = [0u8; 4];
+            io.read_exact(&mut buf).await.unwrap();
+            io.write_all(&buf).await.unwrap();
+            io.write_all(b"!").await.unwrap();
+        });
+        let mut rsp = text(101, "");
+        rsp.headers_mut().insert("upgrade", "echo".parse().unwrap());
+        rsp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+        rsp
+    }))
+    .await;
+    let (mut io, _) = proxy("", Version::Http1, addr);
+    io.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        io.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    io.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping!");
+}
+
+#[tokio::test]
+async fn a_large_body_streams_through_both_ways() {
+    let (addr, _) = upstream(Arc::new(|req, _| {
+        // Echo the request body back as a stream.
+        Response::new(req.into_body().map_err(|_| unreachable!()).boxed())
+    }))
+    .await;
+    let (io, _) = proxy("", Version::Http1, addr);
+    let mut client = h1_client(io).await;
+    let payload: Bytes = (0..16 * 1024 * 1024u32)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let req = Request::post("/echo")
+        .header("host", "web")
+        .body(Full::new(payload.clone()))
+        .unwrap();
+    let rsp = client.send_request(req).await.unwrap();
+    let got = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert!(got == payload, "echoed body differs ({} bytes back)", got.len());
+}
