@@ -12,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -24,11 +24,12 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::{config::Config, drain::Drain, logging::LogLevel, metrics::Metrics};
+use crate::{config::Config, drain::Drain, identity::IdentityStore, logging::LogLevel, metrics::Metrics};
 
 /// What the admin endpoints read and control.
 pub struct Admin {
     pub config: Config,
+    pub identity: Option<Arc<IdentityStore>>,
     pub metrics: Arc<Metrics>,
     pub listeners_bound: Readiness,
     pub drain: Drain,
@@ -127,7 +128,14 @@ impl Admin {
                 let body = json!({
                     "config": &self.config,
                     "log": self.log.current(),
-                    "control_plane": { "mode": "standalone" },
+                    "control_plane": match &self.config.control_addr {
+                        Some(addr) => json!({ "mode": "control-plane", "address": addr }),
+                        None => json!({ "mode": "standalone" }),
+                    },
+                    "identity": self.identity.as_ref().map(|store| json!({
+                        "source": store.source,
+                        "certificate_held": store.has_certificate(),
+                    })),
                     "draining": self.drain.is_draining(),
                 });
                 let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -137,7 +145,7 @@ impl Admin {
                 );
                 rsp
             }
-            (&Method::GET, "/identity") => text(StatusCode::NOT_FOUND, "no identity is configured\n"),
+            (&Method::GET, "/identity") => self.identity(),
             (_, "/live" | "/ready" | "/metrics" | "/log-level" | "/shutdown" | "/config" | "/identity") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
@@ -145,8 +153,34 @@ impl Admin {
         }
     }
 
+    /// Listeners bound, the first certificate held (when identity is configured), not draining.
     fn is_ready(&self) -> bool {
-        self.listeners_bound.get() && !self.drain.is_draining()
+        self.listeners_bound.get()
+            && self.identity.as_ref().is_none_or(|store| store.has_certificate())
+            && !self.drain.is_draining()
+    }
+
+    fn identity(&self) -> Response<Full<Bytes>> {
+        let Some(store) = &self.identity else {
+            return text(StatusCode::NOT_FOUND, "no identity is configured\n");
+        };
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let held = store.current();
+        let body = json!({
+            "source": store.source,
+            "spiffe_id": held.as_ref().map(|h| h.id.as_str()),
+            "sni": held.as_ref().map(|h| h.sni.as_str()),
+            "not_before": held.as_ref().map(|h| unix(h.not_before)),
+            "not_after": held.as_ref().map(|h| unix(h.not_after)),
+            "expires_in_seconds": held.as_ref().map(|h| h.not_after.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs())),
+            "trust_anchor_sha256": store.trust_anchor_fingerprints(),
+        });
+        let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())));
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        rsp
     }
 }
 

@@ -6,23 +6,28 @@ use std::{io, net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
+use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use crate::{
     accept,
     admin::{self, Admin, Readiness},
-    config::Config,
+    config::{Config, IdentitySource, TrustAnchors},
     detect::DetectSettings,
+    discovery::Discovery,
     drain::Drain,
     http::{HttpProxy, HttpSettings, upstream::Pool},
+    identity::{self, IdentityStore},
     inbound::Inbound,
     logging::LogLevel,
+    mesh::Mesh,
     metrics::{Direction, Metrics},
     outbound::Outbound,
     policy::{
         file::FileError,
         reload::{self, SharedPolicy},
     },
+    tls::{self, MeshTls},
     transport::{self, ConnectSettings},
 };
 
@@ -38,6 +43,8 @@ pub enum AppError {
     Signals(io::Error),
     #[error("invalid PILLION_CONFIG {0}")]
     RouteFile(#[from] FileError),
+    #[error("identity: {0}")]
+    Identity(String),
 }
 
 pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
@@ -47,6 +54,9 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         config.route_file.as_deref(),
         &metrics.http,
     )?));
+
+    // So is the identity configuration: trust anchors parse, static certificates load.
+    let mesh = mesh(&config, &metrics)?;
 
     let bind = |what, addr| transport::bind(addr).map_err(|source| AppError::Bind { what, addr, source });
     let admin_listener = bind("admin", config.admin_addr)?;
@@ -77,7 +87,15 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     let http = |direction| HttpProxy {
         direction,
         policy: policy.clone(),
-        pool: Arc::new(Pool::new(connect)),
+        // Only the outbound side originates mesh TLS; inbound connects to the local app.
+        pool: Arc::new(Pool::new(
+            connect,
+            if direction == Direction::Outbound {
+                mesh.clone()
+            } else {
+                None
+            },
+        )),
         settings: http_settings,
         drain: drain.clone(),
     };
@@ -90,6 +108,8 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         metrics: metrics.tcp(Direction::Inbound),
         detect: detect(),
         http: http(Direction::Inbound),
+        mesh: mesh.clone(),
+        default_authorization: config.inbound_default_authorization.clone(),
     });
     tokio::spawn(accept::serve(
         inbound_listener,
@@ -105,6 +125,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         metrics: metrics.tcp(Direction::Outbound),
         detect: detect(),
         http: http(Direction::Outbound),
+        mesh: mesh.clone(),
     });
     for listener in outbound_listeners {
         let outbound = outbound.clone();
@@ -127,6 +148,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         "proxy listening"
     );
     let admin = Arc::new(Admin {
+        identity: mesh.as_ref().map(|m| m.store.clone()),
         config,
         metrics,
         listeners_bound: listeners_bound.clone(),
@@ -149,4 +171,65 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         info!("drained");
     }
     Ok(())
+}
+
+/// Builds the identity store, its certificate source and the mesh TLS configs, or `None` when
+/// no identity is configured. Everything that can be checked before binding is checked here.
+fn mesh(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Mesh>>, AppError> {
+    let fail = |e: String| AppError::Identity(e);
+    let source = match &config.identity {
+        IdentitySource::None => return Ok(None),
+        IdentitySource::ControlPlane { .. } => "control-plane",
+        IdentitySource::Files { .. } => "files",
+    };
+    let (roots, roots_der) = match &config.trust_anchors {
+        Some(TrustAnchors::Pem(pem)) => tls::trust_anchors(pem.as_bytes(), "PILLION_TRUST_ANCHORS"),
+        Some(TrustAnchors::File(path)) => tls::trust_anchors_file(path),
+        None => return Err(fail("no trust anchors".into())),
+    }
+    .map_err(|e| fail(e.to_string()))?;
+    let store = Arc::new(IdentityStore::new(
+        roots,
+        &roots_der,
+        source,
+        metrics.identity_expiry.clone(),
+    ));
+    let channel = match &config.control_addr {
+        Some(addr) => Some(
+            Endpoint::from_shared(addr.clone())
+                .map_err(|e| fail(format!("PILLION_CONTROL_ADDR {addr}: {e}")))?
+                .connect_timeout(std::time::Duration::from_secs(3))
+                .connect_lazy(),
+        ),
+        None => None,
+    };
+    match &config.identity {
+        IdentitySource::Files { cert_file, key_file } => {
+            store.install(identity::files::load(cert_file, key_file).map_err(fail)?);
+            tokio::spawn(identity::files::watch(
+                store.clone(),
+                cert_file.clone(),
+                key_file.clone(),
+            ));
+        }
+        IdentitySource::ControlPlane { token_file } => {
+            if let Err(e) = std::fs::metadata(token_file) {
+                return Err(fail(format!(
+                    "PILLION_IDENTITY_TOKEN_FILE {}: {e}",
+                    token_file.display()
+                )));
+            }
+            if let Some(channel) = &channel {
+                tokio::spawn(identity::control::run(
+                    store.clone(),
+                    channel.clone(),
+                    token_file.clone(),
+                ));
+            }
+        }
+        IdentitySource::None => {}
+    }
+    let discovery = channel.map(|channel| Arc::new(Discovery::new(channel, std::time::Duration::from_secs(1))));
+    let tls = MeshTls::new(store.clone()).map_err(|e| fail(e.to_string()))?;
+    Ok(Some(Arc::new(Mesh { tls, store, discovery })))
 }

@@ -12,6 +12,8 @@ use clap::{
 use serde::{Serialize, Serializer};
 use tracing_subscriber::EnvFilter;
 
+use crate::authz::Authorization;
+
 /// The proxy's settings after validation; the single source of truth passed down to the runtime.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
@@ -35,6 +37,34 @@ pub struct Config {
     #[serde(serialize_with = "human_duration")]
     pub http_idle_timeout: Duration,
     pub http_max_header_bytes: usize,
+    /// Control-plane gRPC address (`http://host:port`); `None` = standalone.
+    pub control_addr: Option<String>,
+    pub identity: IdentitySource,
+    pub trust_anchors: Option<TrustAnchors>,
+    #[serde(serialize_with = "display")]
+    pub inbound_default_authorization: Authorization,
+}
+
+/// Where the workload certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "source")]
+pub enum IdentitySource {
+    None,
+    /// A CSR to the control plane, authenticated by this token.
+    ControlPlane {
+        token_file: PathBuf,
+    },
+    /// Static files, re-read on change.
+    Files {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustAnchors {
+    Pem(String),
+    File(PathBuf),
 }
 
 /// Ports and ranges, e.g. `25,587,3306,9000-9100`.
@@ -120,6 +150,39 @@ struct Args {
     #[arg(long, env = "PILLION_HTTP_MAX_HEADER_BYTES", default_value = "65536", value_name = "BYTES", value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
     http_max_header_bytes: u32,
 
+    /// Control-plane address (`host:port` or `http://host:port`): identity and discovery. Unset = standalone.
+    #[arg(long, env = "PILLION_CONTROL_ADDR", value_name = "ADDR", value_parser = parse_control_addr)]
+    control_addr: Option<String>,
+
+    /// Workload token sent with certificate requests (e.g. a projected service-account token).
+    #[arg(long, env = "PILLION_IDENTITY_TOKEN_FILE", value_name = "PATH")]
+    identity_token_file: Option<PathBuf>,
+
+    /// Static workload certificate chain (PEM, leaf first), instead of the control plane; re-read on change.
+    #[arg(long, env = "PILLION_IDENTITY_CERT_FILE", value_name = "PATH")]
+    identity_cert_file: Option<PathBuf>,
+
+    /// Private key for PILLION_IDENTITY_CERT_FILE (PEM); re-read on change.
+    #[arg(long, env = "PILLION_IDENTITY_KEY_FILE", value_name = "PATH")]
+    identity_key_file: Option<PathBuf>,
+
+    /// Mesh trust anchors, PEM text.
+    #[arg(long, env = "PILLION_TRUST_ANCHORS", value_name = "PEM", hide_env_values = true)]
+    trust_anchors: Option<String>,
+
+    /// Mesh trust anchors, PEM file.
+    #[arg(
+        long,
+        env = "PILLION_TRUST_ANCHORS_FILE",
+        value_name = "PATH",
+        conflicts_with = "trust_anchors"
+    )]
+    trust_anchors_file: Option<PathBuf>,
+
+    /// Authorization for inbound ports that no policy names: all-unauthenticated, all-authenticated or deny.
+    #[arg(long, env = "PILLION_INBOUND_DEFAULT_AUTHORIZATION", default_value = "all-unauthenticated", value_name = "POLICY", value_parser = Authorization::parse_name)]
+    inbound_default_authorization: Authorization,
+
     /// Runtime worker threads; 1 runs everything on one thread, the usual size for a sidecar.
     #[arg(long, env = "PILLION_WORKER_THREADS", default_value = "1", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=512))]
     worker_threads: u16,
@@ -128,6 +191,18 @@ struct Args {
 /// A setting that parsed on its own but conflicts with another.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("PILLION_IDENTITY_CERT_FILE and PILLION_IDENTITY_KEY_FILE go together: set both or neither")]
+    HalfAKeyPair,
+    #[error(
+        "choose one identity source: PILLION_IDENTITY_TOKEN_FILE (control plane) or PILLION_IDENTITY_CERT_FILE/KEY_FILE"
+    )]
+    TwoIdentitySources,
+    #[error("PILLION_IDENTITY_TOKEN_FILE needs PILLION_CONTROL_ADDR, the CA that signs the certificates")]
+    TokenWithoutControlPlane,
+    #[error("PILLION_CONTROL_ADDR needs a workload identity: PILLION_IDENTITY_TOKEN_FILE or certificate files")]
+    ControlPlaneWithoutIdentity,
+    #[error("a workload identity needs trust anchors: PILLION_TRUST_ANCHORS or PILLION_TRUST_ANCHORS_FILE")]
+    NoTrustAnchors,
     #[error("{first} and {second} are both {addr}: every listener needs its own address")]
     ListenerClash {
         first: &'static str,
@@ -166,7 +241,36 @@ impl TryFrom<Args> for Config {
                 });
             }
         }
+        let identity = match (
+            args.identity_token_file,
+            args.identity_cert_file,
+            args.identity_key_file,
+        ) {
+            (None, None, None) => IdentitySource::None,
+            (Some(token_file), None, None) => IdentitySource::ControlPlane { token_file },
+            (None, Some(cert_file), Some(key_file)) => IdentitySource::Files { cert_file, key_file },
+            (None, _, _) => return Err(ConfigError::HalfAKeyPair),
+            (Some(_), _, _) => return Err(ConfigError::TwoIdentitySources),
+        };
+        if matches!(identity, IdentitySource::ControlPlane { .. }) && args.control_addr.is_none() {
+            return Err(ConfigError::TokenWithoutControlPlane);
+        }
+        if args.control_addr.is_some() && identity == IdentitySource::None {
+            return Err(ConfigError::ControlPlaneWithoutIdentity);
+        }
+        let trust_anchors = match (args.trust_anchors, args.trust_anchors_file) {
+            (Some(pem), _) => Some(TrustAnchors::Pem(pem)),
+            (None, Some(path)) => Some(TrustAnchors::File(path)),
+            (None, None) => None,
+        };
+        if identity != IdentitySource::None && trust_anchors.is_none() {
+            return Err(ConfigError::NoTrustAnchors);
+        }
         Ok(Config {
+            control_addr: args.control_addr,
+            identity,
+            trust_anchors,
+            inbound_default_authorization: args.inbound_default_authorization,
             inbound_addr: args.inbound_addr,
             outbound_addrs: args.outbound_addr,
             admin_addr: args.admin_addr,
@@ -241,6 +345,33 @@ impl Serialize for PortSet {
             .map(|(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") })
             .collect();
         s.collect_str(&text.join(","))
+    }
+}
+
+impl Serialize for TrustAnchors {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // The PEM itself is long and belongs in `/identity` as fingerprints.
+            TrustAnchors::Pem(pem) => s.collect_str(&format_args!("<PEM, {} bytes>", pem.len())),
+            TrustAnchors::File(path) => s.collect_str(&path.display()),
+        }
+    }
+}
+
+fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+fn parse_control_addr(s: &str) -> Result<String, String> {
+    let with_scheme = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    match with_scheme.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.port_u16().is_some() => Ok(with_scheme),
+        Ok(_) => Err("expected host:port or http://host:port".to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -322,6 +453,30 @@ mod tests {
         assert!(e.contains("PILLION_OPAQUE_PORTS"), "{e}");
         let e = parse(&["--opaque-ports", "0"]).unwrap_err();
         assert!(e.contains("not a port"), "{e}");
+    }
+
+    #[test]
+    fn identity_settings_are_checked_together() {
+        let e = parse(&["--identity-cert-file", "c.pem"]).unwrap_err();
+        assert!(e.contains("go together"), "{e}");
+        let e = parse(&["--identity-token-file", "t"]).unwrap_err();
+        assert!(e.contains("PILLION_CONTROL_ADDR"), "{e}");
+        let e = parse(&["--control-addr", "ctl:8090", "--identity-token-file", "t"]).unwrap_err();
+        assert!(e.contains("trust anchors"), "{e}");
+        let c = parse(&[
+            "--control-addr",
+            "ctl:8090",
+            "--identity-token-file",
+            "t",
+            "--trust-anchors-file",
+            "r.pem",
+        ])
+        .unwrap();
+        assert_eq!(c.control_addr.as_deref(), Some("http://ctl:8090"));
+        let e = parse(&["--control-addr", "ftp://x:1"]).unwrap_err();
+        assert!(e.contains("PILLION_CONTROL_ADDR"), "{e}");
+        let e = parse(&["--inbound-default-authorization", "maybe"]).unwrap_err();
+        assert!(e.contains("PILLION_INBOUND_DEFAULT_AUTHORIZATION"), "{e}");
     }
 
     #[test]

@@ -57,6 +57,8 @@ enum Verdict {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An HTTP/1 request line longer than this is treated as not HTTP (it would be refused anyway).
 pub const MAX_DETECT_BYTES: usize = 8 * 1024;
+/// A TLS record header and the largest record: a ClientHello is read whole (to see its SNI).
+const MAX_TLS_RECORD: usize = 5 + 16 * 1024;
 
 /// Reads from `io` until the protocol is known, the peer stops sending, or `timeout` passes.
 /// Returns the protocol and everything read, which the caller must replay.
@@ -75,6 +77,9 @@ where
                 return Ok(Protocol::Opaque);
             }
             if let Verdict::Is(protocol) = classify(&buf) {
+                if protocol == Protocol::Tls {
+                    read_tls_record(io, &mut buf).await?;
+                }
                 return Ok(protocol);
             }
         }
@@ -102,6 +107,22 @@ impl DetectSettings {
                 tracing::debug!(%error, "client failed during protocol detection");
                 None
             }
+        }
+    }
+}
+
+/// Completes the first TLS record (the ClientHello) in `buf`, so its SNI can be read.
+async fn read_tls_record<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::Result<()> {
+    loop {
+        let wanted = match buf.get(3..5) {
+            Some(len) => 5 + usize::from(u16::from_be_bytes([len[0], len[1]])),
+            None => 5,
+        };
+        if buf.len() >= wanted.min(MAX_TLS_RECORD) {
+            return Ok(());
+        }
+        if io.read_buf(buf).await? == 0 {
+            return Ok(());
         }
     }
 }

@@ -37,25 +37,71 @@ pub async fn proxy_opaque(
     connect: ConnectSettings,
     metrics: &TcpMetrics,
 ) {
+    let Some(mut server) = connect_with_prefix(target, prefix, peer, direction, connect, metrics).await else {
+        // Without a proxy the client would have been refused; a reset is the closest match.
+        transport::reset_on_close(&client);
+        return;
+    };
+    log_end(
+        forward(&mut client, &mut server, metrics).await,
+        peer,
+        target,
+        direction,
+    );
+}
+
+/// The same for a client stream that is not a plain socket (mesh TLS already terminated).
+pub async fn proxy_opaque_io<I>(
+    mut client: I,
+    prefix: &[u8],
+    peer: SocketAddr,
+    target: SocketAddr,
+    direction: Direction,
+    connect: ConnectSettings,
+    metrics: &TcpMetrics,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some(mut server) = connect_with_prefix(target, prefix, peer, direction, connect, metrics).await else {
+        return;
+    };
+    log_end(
+        forward_io(&mut client, &mut server, metrics).await,
+        peer,
+        target,
+        direction,
+    );
+}
+
+/// Connects upstream and sends the bytes read during protocol detection first.
+async fn connect_with_prefix(
+    target: SocketAddr,
+    prefix: &[u8],
+    peer: SocketAddr,
+    direction: Direction,
+    connect: ConnectSettings,
+    metrics: &TcpMetrics,
+) -> Option<TcpStream> {
     let mut server = match transport::connect(target, connect).await {
         Ok(server) => server,
         Err(error) => {
             metrics.connect_errors.inc();
             tracing::warn!(direction = direction.as_str(), %peer, %target, %error, "upstream connect failed");
-            // Without a proxy the client would have been refused; a reset is the closest match.
-            transport::reset_on_close(&client);
-            return;
+            return None;
         }
     };
-    // Bytes read while detecting the protocol go first.
     if !prefix.is_empty() {
         if let Err(error) = server.write_all(prefix).await {
             tracing::info!(direction = direction.as_str(), %peer, %target, %error, "connection aborted");
-            return;
+            return None;
         }
         metrics.read_bytes.inc_by(prefix.len() as u64);
     }
-    match forward(&mut client, &mut server, metrics).await {
+    Some(server)
+}
+
+fn log_end(result: io::Result<(u64, u64)>, peer: SocketAddr, target: SocketAddr, direction: Direction) {
+    match result {
         Ok((sent, received)) => {
             tracing::debug!(direction = direction.as_str(), %peer, %target, sent, received, "connection closed");
         }
@@ -63,6 +109,18 @@ pub async fn proxy_opaque(
             tracing::info!(direction = direction.as_str(), %peer, %target, %error, "connection aborted");
         }
     }
+}
+
+/// Forwards between any two streams (used when one side is TLS); bytes are counted at the end.
+pub async fn forward_io<A, B>(client: &mut A, server: &mut B, metrics: &TcpMetrics) -> io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let (sent, received) = tokio::io::copy_bidirectional_with_sizes(client, server, BUFFER_SIZE, BUFFER_SIZE).await?;
+    metrics.read_bytes.inc_by(sent);
+    metrics.write_bytes.inc_by(received);
+    Ok((sent, received))
 }
 
 /// Forwards until both directions have ended; returns (client→server, server→client) bytes.

@@ -1,19 +1,6 @@
 //! `pillion-proxy`: configuration → runtime → run.
 
-mod accept;
-mod admin;
-mod app;
-mod config;
-mod detect;
-mod drain;
-mod forward;
-mod http;
-mod inbound;
-mod logging;
-mod metrics;
-mod outbound;
-mod policy;
-mod transport;
+use pillion_proxy::{app, config, logging};
 
 use std::process::ExitCode;
 
@@ -40,7 +27,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(app::run(config, log)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ app::AppError::RouteFile(_)) => {
+        Err(e @ (app::AppError::RouteFile(_) | app::AppError::Identity(_))) => {
             eprintln!("pillion-proxy: {e}");
             ExitCode::from(2)
         }

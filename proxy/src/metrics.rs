@@ -39,6 +39,13 @@ struct DetectLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MeshLabels {
+    direction: &'static str,
+    tls: &'static str,
+    peer_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusedLabels {
     direction: &'static str,
     reason: &'static str,
@@ -49,6 +56,8 @@ pub struct Metrics {
     registry: Registry,
     tcp: TcpFamilies,
     pub http: Arc<HttpMetrics>,
+    /// The workload certificate's notAfter, unix seconds (0 until one is held).
+    pub identity_expiry: Gauge,
 }
 
 struct TcpFamilies {
@@ -59,6 +68,8 @@ struct TcpFamilies {
     connect_errors: Family<DirectionLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     detected: Family<DetectLabels, Counter>,
+    mesh: Family<MeshLabels, Counter>,
+    authz_denied: Family<DirectionLabels, Counter>,
 }
 
 /// TCP counters for one direction; cloned into every connection task (each field is an `Arc`).
@@ -75,11 +86,30 @@ pub struct TcpMetrics {
     pub refused_no_original_dst: Counter,
     /// Indexed by [`Protocol`] order: http1, http2, tls, opaque.
     detected: [Counter; 4],
+    pub authz_denied: Counter,
+    mesh: Family<MeshLabels, Counter>,
+    direction: Direction,
 }
 
 impl TcpMetrics {
     pub fn detected(&self, protocol: Protocol) -> &Counter {
         &self.detected[protocol as usize]
+    }
+
+    /// Counts a connection by whether it is mesh TLS and by the peer's identity.
+    pub fn mesh_connection(&self, peer_id: Option<&str>) {
+        let labels = MeshLabels {
+            direction: self.direction.as_str(),
+            tls: if peer_id.is_some() { "true" } else { "false" },
+            peer_id: peer_id.unwrap_or("").to_string(),
+        };
+        self.mesh.get_or_create(&labels).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -94,6 +124,8 @@ impl Metrics {
             connect_errors: Family::default(),
             refused: Family::default(),
             detected: Family::default(),
+            mesh: Family::default(),
+            authz_denied: Family::default(),
         };
         registry.register(
             "tcp_connections_opened",
@@ -130,8 +162,30 @@ impl Metrics {
             "Accepted connections by detected protocol (http1, http2, tls, opaque)",
             tcp.detected.clone(),
         );
+        registry.register(
+            "tcp_mesh_connections",
+            "Connections by mesh TLS (tls=true/false) and the client's verified SPIFFE ID (inbound) or the server's (outbound)",
+            tcp.mesh.clone(),
+        );
+        registry.register(
+            "authz_denied",
+            "Inbound connections denied by authorization policy (TCP closed, HTTP answered 403)",
+            tcp.authz_denied.clone(),
+        );
         let http = Arc::new(HttpMetrics::register(&mut registry));
-        Metrics { registry, tcp, http }
+        let identity_expiry = Gauge::default();
+        registry.register_with_unit(
+            "identity_cert_expiration_timestamp",
+            "When the workload certificate in use expires, as a unix timestamp",
+            prometheus_client::registry::Unit::Seconds,
+            identity_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            tcp,
+            http,
+            identity_expiry,
+        }
     }
 
     /// Handles for one direction, label sets resolved here once.
@@ -165,6 +219,9 @@ impl Metrics {
                     })
                     .clone()
             }),
+            authz_denied: self.tcp.authz_denied.get_or_create(&labels).clone(),
+            mesh: self.tcp.mesh.clone(),
+            direction,
         }
     }
 

@@ -1,21 +1,28 @@
 //! The outbound path: connections from this pod's app to anywhere else.
 //!
-//! accept on `PILLION_OUTBOUND_ADDR` → original destination (where the app was connecting) →
-//! detect the protocol → HTTP: the HTTP stack (routes, timeouts, retries, metrics), in the
-//! app's protocol; TLS the app originated, and anything else: opaque bytes to the destination.
+//! ```text
+//! accept on PILLION_OUTBOUND_ADDR → original destination (where the app was connecting)
+//!   → detect the protocol
+//!   → HTTP: the HTTP stack (routes, timeouts, retries, metrics), in the app's protocol; its
+//!     upstream connections are mesh TLS when discovery says the target is meshed
+//!   → anything else: opaque bytes, in mesh TLS to a meshed target, plain otherwise
+//! ```
 //!
 //! Our upstream connections are not redirected back to us because they leave from the proxy's
 //! UID, which iptables-init exempts in the OUTPUT chain.
 
 use std::sync::Arc;
 
+use tracing::warn;
+
 use crate::{
     accept::Accepted,
     detect::{DetectSettings, PrefixedIo, Protocol},
     forward,
     http::{HttpProxy, upstream::Version},
+    mesh::Mesh,
     metrics::{Direction, TcpMetrics},
-    transport::ConnectSettings,
+    transport::{self, ConnectSettings},
 };
 
 pub struct Outbound {
@@ -23,6 +30,7 @@ pub struct Outbound {
     pub metrics: TcpMetrics,
     pub detect: DetectSettings,
     pub http: HttpProxy,
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 impl Outbound {
@@ -33,18 +41,52 @@ impl Outbound {
             return;
         };
         self.metrics.detected(protocol).inc();
+        let (connect, metrics) = (self.connect, &self.metrics);
         match protocol {
-            Protocol::Http1 => {
-                let io = PrefixedIo::new(prefix, stream);
-                self.http.serve(io, Version::Http1, target, peer).await
-            }
-            Protocol::Http2 => {
-                let io = PrefixedIo::new(prefix, stream);
-                self.http.serve(io, Version::Http2, target, peer).await
+            Protocol::Http1 | Protocol::Http2 => {
+                let version = if protocol == Protocol::Http1 {
+                    Version::Http1
+                } else {
+                    Version::Http2
+                };
+                self.http
+                    .serve(PrefixedIo::new(prefix, stream), version, target, peer, true)
+                    .await
             }
             Protocol::Tls | Protocol::Opaque => {
-                let (connect, metrics) = (self.connect, &self.metrics);
-                forward::proxy_opaque(stream, &prefix, peer, target, Direction::Outbound, connect, metrics).await
+                let server_id = match &self.mesh {
+                    Some(mesh) => mesh.identity_for(target).await,
+                    None => None,
+                };
+                metrics.mesh_connection(server_id.as_ref().map(|id| id.as_str()));
+                let (Some(mesh), Some(id)) = (&self.mesh, server_id) else {
+                    forward::proxy_opaque(stream, &prefix, peer, target, Direction::Outbound, connect, metrics).await;
+                    return;
+                };
+                // Meshed target: the app's bytes travel inside mTLS to the peer proxy.
+                let server = match transport::connect(target, connect).await {
+                    Ok(server) => server,
+                    Err(error) => {
+                        metrics.connect_errors.inc();
+                        warn!(%peer, %target, %error, "upstream connect failed");
+                        transport::reset_on_close(&stream);
+                        return;
+                    }
+                };
+                match mesh.connect(server, &id).await {
+                    Ok(mut tls) => {
+                        use tokio::io::AsyncWriteExt;
+                        if tls.write_all(&prefix).await.is_ok() {
+                            metrics.read_bytes.inc_by(prefix.len() as u64);
+                            let _ = forward::forward_io(&mut stream, &mut tls, metrics).await;
+                        }
+                    }
+                    Err(error) => {
+                        metrics.connect_errors.inc();
+                        warn!(%peer, %target, %id, %error, "mesh TLS to the upstream failed");
+                        transport::reset_on_close(&stream);
+                    }
+                }
             }
         }
     }

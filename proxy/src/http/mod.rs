@@ -4,15 +4,17 @@
 //! with one job, outermost first:
 //!
 //! ```text
-//! route → metrics → errors → timeout(request) → retry → timeout(backendRequest) → upstream
+//! route → metrics → authz → errors → timeout(request) → retry → timeout(backendRequest) → upstream
 //! ```
 //!
 //! - `route` picks the route (and backend) from the live policy;
-//! - `metrics` records every answer, synthetic ones included, so it sits above `errors`;
+//! - `metrics` records every answer, synthetic ones included, so it sits above `authz` and `errors`;
+//! - `authz` answers 403 on a connection the port's authorization policy denies;
 //! - `errors` turns proxy failures into synthetic responses with `pillion-proxy-error`;
 //! - the request timeout covers all attempts, the backend-request timeout one attempt;
 //! - `upstream` sends on a pooled connection in the client's protocol.
 
+pub mod authz;
 pub mod body;
 pub mod errors;
 pub mod metrics;
@@ -56,13 +58,14 @@ pub struct HttpProxy {
 
 impl HttpProxy {
     /// Serves one client connection until it closes, or until drain asks it to finish.
-    pub async fn serve<I>(&self, io: I, version: Version, dst: SocketAddr, peer: SocketAddr)
+    pub async fn serve<I>(&self, io: I, version: Version, dst: SocketAddr, peer: SocketAddr, allowed: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let stack = ServiceBuilder::new()
             .layer(route::RouteLayer::new(self.policy.clone(), self.direction, dst))
             .layer(metrics::MetricsLayer)
+            .layer(authz::AuthzLayer { allowed })
             .layer(errors::ErrorLayer)
             .layer(timeout::TimeoutLayer(timeout::Scope::Request))
             .layer(retry::RetryLayer)

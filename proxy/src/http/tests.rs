@@ -87,10 +87,13 @@ fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Prox
     let http = HttpProxy {
         direction: Direction::Outbound,
         policy: Arc::new(ArcSwap::from_pointee(policy)),
-        pool: Arc::new(Pool::new(ConnectSettings {
-            timeout: Duration::from_secs(1),
-            keepalive: Duration::from_secs(10),
-        })),
+        pool: Arc::new(Pool::new(
+            ConnectSettings {
+                timeout: Duration::from_secs(1),
+                keepalive: Duration::from_secs(10),
+            },
+            None,
+        )),
         settings: HttpSettings {
             idle_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
@@ -99,7 +102,7 @@ fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Prox
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
-    tokio::spawn(async move { http.serve(server, version, dst, peer).await });
+    tokio::spawn(async move { http.serve(server, version, dst, peer, true).await });
     (client, Proxy { metrics })
 }
 

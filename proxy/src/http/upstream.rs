@@ -6,6 +6,8 @@
 //!   ends, its upstream connection goes back to a per-target idle pool for the next client.
 //! - A request that never left a pooled connection (the server closed it while idle) is sent
 //!   again on a fresh connection; nothing else is resent here (that is the retry layer's job).
+//! - Outbound, a target that discovery says is meshed is reached over mesh TLS (mTLS, its
+//!   identity verified); the connection is otherwise the same.
 //! - `Upgrade` (WebSocket) and `CONNECT` get a dedicated connection; after the upstream agrees,
 //!   both sides become a raw byte tunnel.
 
@@ -21,11 +23,18 @@ use std::{
 use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tower::Service;
 use tracing::debug;
 
 use super::{ProxyRequest, ProxyResponse, body::ResponseBody, errors::ProxyError, route::RouteCtx};
-use crate::transport::{self, ConnectSettings};
+use crate::{
+    mesh::Mesh,
+    transport::{self, ConnectSettings},
+};
 
 type H1 = http1::SendRequest<super::body::RequestBody>;
 type H2 = http2::SendRequest<super::body::RequestBody>;
@@ -36,6 +45,8 @@ const MAX_IDLE_PER_TARGET: usize = 32;
 /// Connections shared by all client connections of one direction.
 pub struct Pool {
     connect: ConnectSettings,
+    /// Outbound only: originate mesh TLS to targets that discovery says are meshed.
+    mesh: Option<Arc<Mesh>>,
     h1_idle: Mutex<HashMap<SocketAddr, Vec<H1>>>,
     h2: Mutex<HashMap<SocketAddr, H2>>,
 }
@@ -60,32 +71,37 @@ struct Session {
 }
 
 impl Pool {
-    pub fn new(connect: ConnectSettings) -> Self {
+    pub fn new(connect: ConnectSettings, mesh: Option<Arc<Mesh>>) -> Self {
         Pool {
             connect,
+            mesh,
             h1_idle: Mutex::default(),
             h2: Mutex::default(),
         }
     }
 
-    async fn connect_h1(&self, target: SocketAddr, upgrades: bool) -> Result<H1, ProxyError> {
+    /// Connects to `target`, in mesh TLS when discovery says it is meshed.
+    async fn connect(&self, target: SocketAddr) -> Result<Connection, ProxyError> {
         let stream = transport::connect(target, self.connect)
             .await
             .map_err(ProxyError::Connect)?;
-        let (tx, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(ProxyError::Upstream)?;
-        tokio::spawn(async move {
-            let done = if upgrades {
-                conn.with_upgrades().await
-            } else {
-                conn.await
-            };
-            if let Err(error) = done {
-                debug!(%target, %error, "upstream HTTP/1 connection ended");
+        let Some(mesh) = &self.mesh else {
+            return Ok(Connection::Plain(stream));
+        };
+        match mesh.identity_for(target).await {
+            Some(id) => {
+                let tls = mesh.connect(stream, &id).await.map_err(ProxyError::Connect)?;
+                Ok(Connection::Mesh(Box::new(tls)))
             }
-        });
-        Ok(tx)
+            None => Ok(Connection::Plain(stream)),
+        }
+    }
+
+    async fn connect_h1(&self, target: SocketAddr, upgrades: bool) -> Result<H1, ProxyError> {
+        match self.connect(target).await? {
+            Connection::Plain(io) => handshake_h1(io, target, upgrades).await,
+            Connection::Mesh(io) => handshake_h1(*io, target, upgrades).await,
+        }
     }
 
     async fn h2(&self, target: SocketAddr) -> Result<H2, ProxyError> {
@@ -97,20 +113,10 @@ impl Pool {
         {
             return Ok(tx);
         }
-        let stream = transport::connect(target, self.connect)
-            .await
-            .map_err(ProxyError::Connect)?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ProxyError::Upstream)?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                debug!(%target, %error, "upstream HTTP/2 connection ended");
-            }
-        });
+        let tx = match self.connect(target).await? {
+            Connection::Plain(io) => handshake_h2(io, target).await?,
+            Connection::Mesh(io) => handshake_h2(*io, target).await?,
+        };
         if let Ok(mut map) = self.h2.lock() {
             map.insert(target, tx.clone());
         }
@@ -139,6 +145,48 @@ impl Pool {
             }
         }
     }
+}
+
+/// A fresh upstream connection, plain or mesh TLS.
+enum Connection {
+    Plain(TcpStream),
+    Mesh(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn handshake_h1<I>(io: I, target: SocketAddr, upgrades: bool) -> Result<H1, ProxyError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(ProxyError::Upstream)?;
+    tokio::spawn(async move {
+        let done = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(error) = done {
+            debug!(%target, %error, "upstream HTTP/1 connection ended");
+        }
+    });
+    Ok(tx)
+}
+
+async fn handshake_h2<I>(io: I, target: SocketAddr) -> Result<H2, ProxyError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(ProxyError::Upstream)?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            debug!(%target, %error, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(tx)
 }
 
 impl Upstream {

@@ -18,6 +18,9 @@
 //!         timeouts: { request: 10s, backendRequest: 2s }
 //!         retry: { codes: [502, 503, UNAVAILABLE], attempts: 2, backoff: 25ms }
 //!         backendRefs: [{ address: 10.0.0.7:8080, weight: 90 }, { address: 10.0.0.8:8080, weight: 10 }]
+//! inbound:
+//!   - port: 8080
+//!     authorization: all-authenticated   # all-unauthenticated | deny | { allow: [spiffe://td/ns/prod/*] }
 //! ```
 
 use std::{fmt, net::SocketAddr, path::Path, time::Duration};
@@ -32,6 +35,16 @@ pub struct RouteFile {
     pub retry_buffer_bytes: Option<u32>,
     #[serde(default)]
     pub destinations: Vec<DestinationSpec>,
+    /// Authorization per inbound port of this workload.
+    #[serde(default)]
+    pub inbound: Vec<InboundSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundSpec {
+    pub port: u16,
+    pub authorization: crate::authz::Authorization,
 }
 
 #[derive(Debug, Deserialize)]

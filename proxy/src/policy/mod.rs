@@ -14,7 +14,10 @@ use http::{HeaderName, Method, StatusCode};
 use regex::Regex;
 use tower::retry::budget::TpsBudget;
 
-use crate::http::metrics::{HttpMetrics, RouteMetrics};
+use crate::{
+    authz::Authorization,
+    http::metrics::{HttpMetrics, RouteMetrics},
+};
 use file::{
     DestinationSpec, MatchSpec, PathMatchType, RetryCode, RouteFile, RouteSpec, ValueMatchSpec, ValueMatchType,
 };
@@ -33,6 +36,7 @@ pub struct Policy {
     /// Destinations not in the file share one default route (and one retry budget).
     fallback: Arc<Destination>,
     pub retry_buffer_bytes: usize,
+    inbound: HashMap<u16, Authorization>,
 }
 
 pub struct Destination {
@@ -89,6 +93,12 @@ impl Policy {
     pub fn compile(file: RouteFile, metrics: &HttpMetrics) -> Result<Self, String> {
         let mut by_host: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>> = HashMap::new();
         let mut by_addr = HashMap::new();
+        let mut inbound = HashMap::new();
+        for (i, spec) in file.inbound.into_iter().enumerate() {
+            if inbound.insert(spec.port, spec.authorization).is_some() {
+                return Err(format!("inbound[{i}]: port {} is listed twice", spec.port));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, spec) in file.destinations.into_iter().enumerate() {
             let key = spec.destination.0.clone();
@@ -115,6 +125,7 @@ impl Policy {
             retry_buffer_bytes: file
                 .retry_buffer_bytes
                 .map_or(DEFAULT_RETRY_BUFFER_BYTES, |n| n as usize),
+            inbound,
         })
     }
 
@@ -125,7 +136,13 @@ impl Policy {
             by_addr: HashMap::new(),
             fallback: Arc::new(Destination::fallback(metrics)),
             retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
+            inbound: HashMap::new(),
         }
+    }
+
+    /// The route file's authorization for an inbound port, if it names the port.
+    pub fn inbound_authorization(&self, port: u16) -> Option<&Authorization> {
+        self.inbound.get(&port)
     }
 
     /// The destination a request is for: by its authority (Host / `:authority`) if the file names

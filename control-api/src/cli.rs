@@ -1,0 +1,266 @@
+//! The `pillion-control` command line: flags and `PILLION_CONTROL_*` environment variables.
+//!
+//! Only flag values are checked here (exit code 2, one line naming the flag, its variable and the
+//! value); file contents are checked by `main` when they are loaded (exit code 1).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{
+    Args, CommandFactory, Parser, Subcommand,
+    error::{ContextKind, ContextValue, ErrorKind},
+};
+use pillion_control_api::spiffe::TrustDomain;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pillion-control",
+    version,
+    about = "Pillion's control plane: workload certificates, discovery, route and authorization policy"
+)]
+pub struct Cli {
+    /// Tracing filter in EnvFilter syntax (e.g. `info,pillion_control_api=debug`).
+    #[arg(long, global = true, env = "PILLION_LOG", default_value = "info", value_name = "FILTER", value_parser = parse_filter)]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Identity and Discovery gRPC services.
+    Serve(Box<ServeArgs>),
+    /// Certificate authority tools.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA and an issuer for local use: root.crt, issuer.crt, issuer.key in --out.
+    Init(CaInitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaInitArgs {
+    /// Directory to write root.crt, issuer.crt and issuer.key into (created if missing).
+    #[arg(long, env = "PILLION_CONTROL_CA_OUT", value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// SPIFFE trust domain the CA is for (goes into the certificates' names).
+    #[arg(long, env = "PILLION_CONTROL_TRUST_DOMAIN", default_value = "cluster.local", value_name = "DOMAIN", value_parser = parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(
+        long,
+        env = "PILLION_CONTROL_LISTEN",
+        default_value = "0.0.0.0:8090",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "PILLION_CONTROL_TRUST_DOMAIN", default_value = "cluster.local", value_name = "DOMAIN", value_parser = parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+
+    /// Issuer (intermediate CA) certificate, PEM; may be followed by further intermediates.
+    #[arg(long, env = "PILLION_CONTROL_ISSUER_CERT", value_name = "FILE")]
+    pub issuer_cert: PathBuf,
+
+    /// Issuer private key, PEM (PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, env = "PILLION_CONTROL_ISSUER_KEY", value_name = "FILE")]
+    pub issuer_key: PathBuf,
+
+    /// Root certificate(s), PEM: the issuer must chain to one of them.
+    #[arg(long, env = "PILLION_CONTROL_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: PathBuf,
+
+    /// Lifetime of issued workload certificates.
+    #[arg(long, env = "PILLION_CONTROL_CERT_LIFETIME", default_value = "24h", value_name = "DURATION", value_parser = parse_lifetime)]
+    pub cert_lifetime: Duration,
+
+    /// Token file for standalone use: YAML list of {token, namespace, serviceAccount}.
+    #[arg(
+        long,
+        env = "PILLION_CONTROL_TOKENS",
+        value_name = "FILE",
+        conflicts_with = "token_review",
+        required_unless_present = "token_review"
+    )]
+    pub tokens: Option<PathBuf>,
+
+    /// Authenticate tokens with Kubernetes TokenReview: the API server URL, or `in-cluster`
+    /// (https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT).
+    #[arg(long, env = "PILLION_CONTROL_TOKEN_REVIEW", value_name = "URL|in-cluster")]
+    pub token_review: Option<String>,
+
+    /// CA bundle of the Kubernetes API server.
+    #[arg(long, env = "PILLION_CONTROL_TOKEN_REVIEW_CA", default_value = concat!("/var/run/secrets/kubernetes.io/serviceaccount", "/ca.crt"), value_name = "FILE")]
+    pub token_review_ca: PathBuf,
+
+    /// The control plane's own service-account token, sent to the API server.
+    #[arg(long, env = "PILLION_CONTROL_TOKEN_REVIEW_TOKEN", default_value = concat!("/var/run/secrets/kubernetes.io/serviceaccount", "/token"), value_name = "FILE")]
+    pub token_review_token: PathBuf,
+
+    /// Audiences workload tokens must be valid for, comma separated; empty = the API server's default.
+    #[arg(
+        long,
+        env = "PILLION_CONTROL_TOKEN_REVIEW_AUDIENCE",
+        value_delimiter = ',',
+        value_name = "AUD[,AUD]"
+    )]
+    pub token_review_audience: Vec<String>,
+
+    /// Discovery and policy YAML, reloaded on change; unset = every destination is unknown.
+    #[arg(long, env = "PILLION_CONTROL_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// Longest time to let in-flight calls finish after SIGTERM.
+    #[arg(long, env = "PILLION_CONTROL_SHUTDOWN_GRACE_PERIOD", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub shutdown_grace_period: Duration,
+}
+
+impl Cli {
+    /// Parses flags and environment, or prints a one-line error and exits with status 2.
+    pub fn parse_or_exit() -> Self {
+        match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+            Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            Err(e) => exit_usage(&one_line(&e)),
+        }
+    }
+}
+
+impl ServeArgs {
+    /// The TokenReview API server URL, resolving `in-cluster` from the standard environment.
+    pub fn token_review_url(&self) -> Option<Result<http::Uri, String>> {
+        let value = self.token_review.as_deref()?;
+        let url = if value == "in-cluster" {
+            let host = std::env::var("KUBERNETES_SERVICE_HOST");
+            let port = std::env::var("KUBERNETES_SERVICE_PORT");
+            match (host, port) {
+                (Ok(h), Ok(p)) if h.contains(':') => format!("https://[{h}]:{p}"),
+                (Ok(h), Ok(p)) => format!("https://{h}:{p}"),
+                _ => {
+                    return Some(Err(
+                        "--token-review in-cluster (env PILLION_CONTROL_TOKEN_REVIEW): KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set".to_string(),
+                    ));
+                }
+            }
+        } else {
+            value.to_string()
+        };
+        Some(url.parse::<http::Uri>().map_err(|e| {
+            format!(
+                "invalid value '{value}' for '--token-review <URL|in-cluster>' (env PILLION_CONTROL_TOKEN_REVIEW): {e}"
+            )
+        }))
+    }
+}
+
+pub fn exit_usage(message: &str) -> ! {
+    eprintln!("pillion-control: {message}");
+    std::process::exit(2)
+}
+
+/// Clap's first error line, plus the environment variable, since either may have set the value.
+fn one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let env = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => env_of(arg),
+        _ => None,
+    };
+    match env {
+        Some(env) => format!("{first} (env {env})"),
+        None => first.to_string(),
+    }
+}
+
+/// The environment variable of a flag, searched through every subcommand.
+fn env_of(arg: &str) -> Option<String> {
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let mut stack = vec![Cli::command()];
+    while let Some(cmd) = stack.pop() {
+        if let Some(found) = cmd.get_arguments().find(|a| a.get_long() == Some(long))
+            && let Some(env) = found.get_env()
+        {
+            return Some(env.to_string_lossy().into_owned());
+        }
+        stack.extend(cmd.get_subcommands().cloned());
+    }
+    None
+}
+
+fn parse_filter(s: &str) -> Result<String, String> {
+    EnvFilter::try_new(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    s.parse()
+        .map_err(|e: pillion_control_api::spiffe::InvalidName| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. `24h`, `30m`, `90s`)"))
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d < Duration::from_secs(10) => Err("must be at least 10s".to_string()),
+        d if d > Duration::from_secs(366 * 24 * 3600) => Err("must be at most 366 days".to_string()),
+        d => Ok(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn standard_service_account_paths() {
+        let cli = Cli::try_parse_from([
+            "pillion-control",
+            "serve",
+            "--issuer-cert=a",
+            "--issuer-key=b",
+            "--trust-anchors=c",
+            "--token-review=https://10.0.0.1:443",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.token_review_ca, PathBuf::from(SA_DIR).join("ca.crt"));
+        assert_eq!(args.token_review_token, PathBuf::from(SA_DIR).join("token"));
+        assert_eq!(args.cert_lifetime, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn bad_values_name_flag_and_env() {
+        let err = Cli::try_parse_from(["pillion-control", "serve", "--listen=nope"]).unwrap_err();
+        let line = one_line(&err);
+        assert!(
+            line.contains("--listen") && line.contains("PILLION_CONTROL_LISTEN") && line.contains("nope"),
+            "{line}"
+        );
+    }
+}

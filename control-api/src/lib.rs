@@ -1,0 +1,22 @@
+//! Pillion's control-plane API.
+//!
+//! The protocol (`proto/pillion/control/v1/*.proto`) and its generated client live in [`proto`], so
+//! the proxy depends on this crate for the wire types only. The rest is the reference server that
+//! `pillion-control serve` runs:
+//!
+//! ```text
+//! auth        token → WorkloadId (token file, or Kubernetes TokenReview)
+//! ca          WorkloadId + CSR → X.509-SVID, signed by the operator's issuer
+//! policy      the policy YAML: model, loading with line-numbered errors, reload on change
+//! identity_service / discovery_service   the gRPC services over those parts
+//! server      wires the services onto one listener, with graceful shutdown
+//! ```
+
+pub mod auth;
+pub mod ca;
+pub mod discovery_service;
+pub mod identity_service;
+pub mod policy;
+pub mod proto;
+pub mod server;
+pub mod spiffe;

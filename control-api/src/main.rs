@@ -1,0 +1,169 @@
+//! `pillion-control`: flags → load and check every file → bind → serve until SIGTERM.
+//!
+//! Exit codes: 2 for a bad flag value (before anything is read), 1 for a file that cannot be read
+//! or used (issuer, key, anchors, tokens, policy) or a listener that cannot be bound.
+
+mod cli;
+
+use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
+
+use cli::{CaCommand, CaInitArgs, Cli, Command, ServeArgs};
+use pillion_control_api::{
+    auth::{AnyAuthenticator, TokenFile, TokenReview, TokenReviewConfig},
+    ca::{self, CertificateAuthority},
+    policy::{Policy, PolicyWatch},
+    server::{self, ControlPlane},
+};
+use tokio_util::sync::CancellationToken;
+
+/// How often the policy file is checked for changes.
+const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Limit for one TokenReview call to the API server.
+const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_or_exit();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Ca(CaCommand::Init(args)) => ca_init(&args),
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+            match runtime {
+                Ok(rt) => rt.block_on(serve(*args)),
+                Err(e) => Err(format!("cannot start the runtime: {e}")),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pillion-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    // Flag-level problems first (exit 2), then files (exit 1), then the socket.
+    let token_review_url = args
+        .token_review_url()
+        .transpose()
+        .unwrap_or_else(|e| cli::exit_usage(&e));
+
+    let ca = CertificateAuthority::load(
+        &args.issuer_cert,
+        &args.issuer_key,
+        &args.trust_anchors,
+        args.trust_domain.clone(),
+        args.cert_lifetime,
+    )
+    .map_err(|e| e.to_string())?;
+    let authenticator = match (&args.tokens, token_review_url) {
+        (Some(path), _) => {
+            let tokens = TokenFile::load(path).map_err(|e| e.to_string())?;
+            tracing::info!(path = %path.display(), entries = tokens.len(), "authenticating with the token file");
+            AnyAuthenticator::TokenFile(tokens)
+        }
+        (None, Some(api_server)) => {
+            tracing::info!(%api_server, "authenticating with Kubernetes TokenReview");
+            AnyAuthenticator::TokenReview(
+                TokenReview::new(TokenReviewConfig {
+                    api_server,
+                    ca_file: args.token_review_ca.clone(),
+                    token_file: args.token_review_token.clone(),
+                    audiences: args.token_review_audience.clone(),
+                    timeout: TOKEN_REVIEW_TIMEOUT,
+                })
+                .map_err(|e| e.to_string())?,
+            )
+        }
+        // clap requires one of the two.
+        (None, None) => cli::exit_usage("one of --tokens or --token-review is required"),
+    };
+
+    let shutdown = CancellationToken::new();
+    let policy = match &args.policy {
+        Some(path) => PolicyWatch::load_and_watch(path.clone(), POLICY_POLL_INTERVAL, shutdown.clone())
+            .map_err(|e| e.to_string())?,
+        None => PolicyWatch::fixed(Policy::default()),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (PILLION_CONTROL_LISTEN): {e}", args.listen))?;
+    tracing::info!(
+        listen = %args.listen,
+        trust_domain = %args.trust_domain,
+        cert_lifetime = %humantime::format_duration(args.cert_lifetime),
+        issuer_expires = %ca.issuer_not_after(),
+        "pillion-control serving"
+    );
+
+    let plane = ControlPlane {
+        ca: Arc::new(ca),
+        authenticator: Arc::new(authenticator),
+        policy,
+    };
+    let server = tokio::spawn(server::serve(listener, plane, shutdown.clone()));
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    match tokio::time::timeout(args.shutdown_grace_period, server).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(format!("gRPC server: {e}")),
+        Ok(Err(e)) => Err(format!("gRPC server task: {e}")),
+        Err(_) => {
+            tracing::warn!("grace period over; exiting with calls still in flight");
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn ca_init(args: &CaInitArgs) -> Result<(), String> {
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let files = ["root.crt", "issuer.crt", "issuer.key"].map(|f| args.out.join(f));
+    if !args.force
+        && let Some(existing) = files.iter().find(|f| f.exists())
+    {
+        return Err(format!("{} exists; pass --force to replace it", existing.display()));
+    }
+    let generated = ca::generate(&args.trust_domain).map_err(|e| format!("cannot generate the CA: {e}"))?;
+    write(&files[0], &generated.root_cert_pem, 0o644)?;
+    write(&files[1], &generated.issuer_cert_pem, 0o644)?;
+    write(&files[2], &generated.issuer_key_pem, 0o600)?;
+    println!(
+        "wrote {}, {}, {} for trust domain {}",
+        files[0].display(),
+        files[1].display(),
+        files[2].display(),
+        args.trust_domain
+    );
+    Ok(())
+}
+
+fn write(path: &Path, contents: &str, mode: u32) -> Result<(), String> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

@@ -1,0 +1,692 @@
+//! The policy YAML model: destinations (endpoints, retry budget, routes) and inbound authorization.
+//!
+//! Route semantics follow the Gateway API HTTPRoute, so `HTTPRoute` objects translate one to one.
+//! Every value is validated while it is deserialized (newtypes with `try_from`), so an error carries
+//! the line and column of the offending value. The types are public: the proxy parses the same
+//! routes in its static config file.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use std::fmt;
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, Visitor},
+};
+
+/// The whole file, as written.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    #[serde(default)]
+    pub inbound: Vec<Inbound>,
+}
+
+/// The file indexed for lookups; duplicates were refused while building it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Policy {
+    pub destinations: HashMap<Authority, Destination>,
+    pub inbound: HashMap<u16, Authorization>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Destination {
+    pub destination: Authority,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub retry_budget: RetryBudget,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// Expected SPIFFE ID; absent = not meshed.
+    #[serde(default)]
+    pub identity: Option<SpiffeId>,
+    #[serde(default)]
+    pub protocol: ProtocolHint,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolHint {
+    #[default]
+    Unknown,
+    Http1,
+    Http2,
+    Opaque,
+}
+
+/// Retries allowed per destination: `percent` of requests plus `minRetriesPerSecond`, over `ttl`.
+/// Each field is checked where it is read, so an error points at the value.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetryBudget {
+    #[serde(deserialize_with = "budget_percent")]
+    pub percent: u32,
+    pub min_retries_per_second: u32,
+    #[serde(deserialize_with = "budget_ttl")]
+    pub ttl: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Route {
+    /// The `route` metric label.
+    pub name: RouteName,
+    /// Any one matching selects the route; none = match everything.
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+    #[serde(default)]
+    pub retry: Option<Retry>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RouteName(pub String);
+
+/// All present conditions must hold.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    #[serde(default)]
+    pub method: Option<HttpMethod>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default)]
+    pub query_params: Vec<QueryParamMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawPathMatch")]
+pub enum PathMatch {
+    Exact(String),
+    /// Whole path segments: `/api` matches `/api` and `/api/x`, not `/apix`.
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathMatch {
+    #[serde(rename = "type", default)]
+    kind: PathMatchType,
+    #[serde(default = "root_path")]
+    value: String,
+}
+
+#[derive(Default, Deserialize)]
+enum PathMatchType {
+    Exact,
+    #[default]
+    PathPrefix,
+    RegularExpression,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HttpMethod(pub String);
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawNameMatch")]
+pub struct HeaderMatch {
+    /// Lower case.
+    pub name: String,
+    pub value: StringMatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawNameMatch")]
+pub struct QueryParamMatch {
+    pub name: String,
+    pub value: StringMatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Regex(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNameMatch {
+    name: String,
+    value: String,
+    #[serde(rename = "type", default)]
+    kind: StringMatchType,
+}
+
+#[derive(Default, Deserialize)]
+enum StringMatchType {
+    #[default]
+    Exact,
+    RegularExpression,
+}
+
+/// `request` covers the whole transaction including retries, `backendRequest` one attempt.
+/// Absent = the proxy's default; `0s` = disabled.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawTimeouts")]
+pub struct Timeouts {
+    pub request: Option<Duration>,
+    pub backend_request: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default, deserialize_with = "optional_duration")]
+    request: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    backend_request: Option<Duration>,
+}
+
+/// Gateway API HTTPRouteRetry: `attempts` is the number of retries after the first try.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    #[serde(default)]
+    pub codes: Vec<RetryCode>,
+    #[serde(default = "one")]
+    pub attempts: u32,
+    #[serde(default = "default_backoff", deserialize_with = "duration")]
+    pub backoff: Duration,
+}
+
+/// A number is an HTTP status; a name (`UNAVAILABLE`) a gRPC status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryCode {
+    Http(u16),
+    Grpc(u32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    pub address: Authority,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Inbound {
+    pub port: u16,
+    pub authorization: Authorization,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authorization {
+    AllUnauthenticated,
+    AllAuthenticated,
+    Deny,
+    /// Exact SPIFFE IDs, and prefixes (written `spiffe://td/ns/prod/*`, kept as `spiffe://td/ns/prod/`).
+    Allow {
+        identities: Vec<SpiffeId>,
+        prefixes: Vec<String>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    allow: Vec<String>,
+}
+
+/// `host:port` or `ip:port`, normalised: lower-case host, no trailing dot, IPv6 in brackets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Authority {
+    text: String,
+    port: u16,
+}
+
+/// `spiffe://<trust-domain>/<path>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SpiffeId(pub String);
+
+impl Policy {
+    /// Indexes the file; a destination or inbound port listed twice is an error.
+    pub fn from_file(file: PolicyFile) -> Result<Self, String> {
+        let mut policy = Policy::default();
+        for (i, d) in file.destinations.into_iter().enumerate() {
+            let mut names = std::collections::HashSet::new();
+            for r in &d.routes {
+                if !names.insert(&r.name) {
+                    return Err(format!(
+                        "destinations[{i}] ({}): route name `{}` is used twice",
+                        d.destination, r.name.0
+                    ));
+                }
+            }
+            if let Some(prev) = policy.destinations.insert(d.destination.clone(), d) {
+                return Err(format!("destinations[{i}]: {} is listed twice", prev.destination));
+            }
+        }
+        for (i, inbound) in file.inbound.into_iter().enumerate() {
+            if policy.inbound.insert(inbound.port, inbound.authorization).is_some() {
+                return Err(format!("inbound[{i}]: port {} is listed twice", inbound.port));
+            }
+        }
+        Ok(policy)
+    }
+}
+
+impl Authority {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl std::fmt::Display for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::str::FromStr for Authority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Authority::try_from(s.to_string())
+    }
+}
+
+impl TryFrom<String> for Authority {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return nonzero_port(addr.port(), &s).map(|port| Authority {
+                text: addr.to_string(),
+                port,
+            });
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not host:port or ip:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{s}`: `{port}` is not a port number"))?;
+        let port = nonzero_port(port, &s)?;
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !valid {
+            return Err(format!("`{s}`: `{host}` is not a valid host name"));
+        }
+        Ok(Authority {
+            text: format!("{host}:{port}"),
+            port,
+        })
+    }
+}
+
+fn nonzero_port(port: u16, s: &str) -> Result<u16, String> {
+    if port == 0 {
+        Err(format!("`{s}`: port 0 is not a destination"))
+    } else {
+        Ok(port)
+    }
+}
+
+impl TryFrom<String> for SpiffeId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| format!("`{s}` is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"))?;
+        let (td, path) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}`: a SPIFFE ID needs a path after the trust domain"))?;
+        let td_ok = !td.is_empty()
+            && td
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+        let path_ok = path.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        });
+        if !td_ok || !path_ok {
+            return Err(format!("`{s}` is not a valid SPIFFE ID"));
+        }
+        Ok(SpiffeId(s))
+    }
+}
+
+impl TryFrom<String> for RouteName {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        // It becomes a metric label value: keep it printable and short.
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+        if ok {
+            Ok(RouteName(s))
+        } else {
+            Err(format!(
+                "route name `{s}` must be 1-128 characters of letters, digits, `-`, `_`, `.`, `/`"
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for HttpMethod {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let upper = s.to_ascii_uppercase();
+        http::Method::from_bytes(upper.as_bytes()).map_err(|_| format!("`{s}` is not an HTTP method"))?;
+        Ok(HttpMethod(upper))
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            percent: default_budget_percent(),
+            min_retries_per_second: default_budget_min(),
+            ttl: default_budget_ttl(),
+        }
+    }
+}
+
+impl TryFrom<RawPathMatch> for PathMatch {
+    type Error = String;
+
+    fn try_from(raw: RawPathMatch) -> Result<Self, String> {
+        match raw.kind {
+            PathMatchType::RegularExpression => {
+                check_regex(&raw.value)?;
+                Ok(PathMatch::Regex(raw.value))
+            }
+            _ if !raw.value.starts_with('/') => Err(format!("path `{}` must start with `/`", raw.value)),
+            PathMatchType::Exact => Ok(PathMatch::Exact(raw.value)),
+            PathMatchType::PathPrefix => Ok(PathMatch::Prefix(raw.value)),
+        }
+    }
+}
+
+impl TryFrom<RawNameMatch> for HeaderMatch {
+    type Error = String;
+
+    fn try_from(raw: RawNameMatch) -> Result<Self, String> {
+        let name = http::HeaderName::from_bytes(raw.name.as_bytes())
+            .map_err(|_| format!("`{}` is not a valid header name", raw.name))?;
+        Ok(HeaderMatch {
+            name: name.as_str().to_string(),
+            value: string_match(raw.kind, raw.value)?,
+        })
+    }
+}
+
+impl TryFrom<RawNameMatch> for QueryParamMatch {
+    type Error = String;
+
+    fn try_from(raw: RawNameMatch) -> Result<Self, String> {
+        if raw.name.is_empty() {
+            return Err("query parameter name is empty".to_string());
+        }
+        Ok(QueryParamMatch {
+            name: raw.name,
+            value: string_match(raw.kind, raw.value)?,
+        })
+    }
+}
+
+fn string_match(kind: StringMatchType, value: String) -> Result<StringMatch, String> {
+    match kind {
+        StringMatchType::Exact => Ok(StringMatch::Exact(value)),
+        StringMatchType::RegularExpression => {
+            check_regex(&value)?;
+            Ok(StringMatch::Regex(value))
+        }
+    }
+}
+
+fn check_regex(re: &str) -> Result<(), String> {
+    regex::Regex::new(re)
+        .map(|_| ())
+        .map_err(|e| format!("invalid regular expression `{re}`: {e}"))
+}
+
+impl TryFrom<RawTimeouts> for Timeouts {
+    type Error = String;
+
+    fn try_from(raw: RawTimeouts) -> Result<Self, String> {
+        // Gateway API: a per-attempt timeout longer than the whole request's can never fire.
+        if let (Some(request), Some(backend)) = (raw.request, raw.backend_request)
+            && !request.is_zero()
+            && backend > request
+        {
+            return Err(format!(
+                "timeouts.backendRequest ({}) is longer than timeouts.request ({})",
+                humantime::format_duration(backend),
+                humantime::format_duration(request)
+            ));
+        }
+        Ok(Timeouts {
+            request: raw.request,
+            backend_request: raw.backend_request,
+        })
+    }
+}
+
+/// gRPC status names, in code order (google.rpc.Code); OK (0) is never retried.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+impl RetryCode {
+    /// The gRPC status name of a code, for display.
+    pub fn grpc_name(code: u32) -> Option<&'static str> {
+        GRPC_CODES.get(code as usize).copied()
+    }
+}
+
+impl RetryCode {
+    fn from_number(n: u64) -> Result<Self, String> {
+        match n {
+            400..=599 => Ok(RetryCode::Http(n as u16)),
+            _ => Err(format!("retry code {n} is not an HTTP error status (400-599)")),
+        }
+    }
+
+    fn from_name(name: &str) -> Result<Self, String> {
+        match GRPC_CODES.iter().position(|c| c.eq_ignore_ascii_case(name)) {
+            Some(0) | None => Err(format!(
+                "retry code `{name}` is neither an HTTP status nor a gRPC status name (e.g. UNAVAILABLE)"
+            )),
+            Some(code) => Ok(RetryCode::Grpc(code as u32)),
+        }
+    }
+}
+
+// Hand-written visitors (not `untagged`) so errors keep the position of the value.
+impl<'de> Deserialize<'de> for RetryCode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct CodeVisitor;
+        impl Visitor<'_> for CodeVisitor {
+            type Value = RetryCode;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an HTTP status (e.g. 503) or a gRPC status name (e.g. UNAVAILABLE)")
+            }
+
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<RetryCode, E> {
+                RetryCode::from_number(n).map_err(E::custom)
+            }
+
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<RetryCode, E> {
+                let n = u64::try_from(n).map_err(|_| E::custom(format!("retry code {n} is negative")))?;
+                RetryCode::from_number(n).map_err(E::custom)
+            }
+
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<RetryCode, E> {
+                RetryCode::from_name(name).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(CodeVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Authorization {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct AuthorizationVisitor;
+        impl<'de> Visitor<'de> for AuthorizationVisitor {
+            type Value = Authorization;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("all-unauthenticated, all-authenticated, deny, or {allow: [...]}")
+            }
+
+            fn visit_str<E: de::Error>(self, mode: &str) -> Result<Authorization, E> {
+                match mode {
+                    "all-unauthenticated" => Ok(Authorization::AllUnauthenticated),
+                    "all-authenticated" => Ok(Authorization::AllAuthenticated),
+                    "deny" => Ok(Authorization::Deny),
+                    other => Err(E::custom(format!(
+                        "authorization `{other}` is not one of all-unauthenticated, all-authenticated, deny, {{allow: [...]}}"
+                    ))),
+                }
+            }
+
+            fn visit_map<M: de::MapAccess<'de>>(self, map: M) -> Result<Authorization, M::Error> {
+                let RawAllow { allow } = RawAllow::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Authorization::allow(allow).map_err(de::Error::custom)
+            }
+        }
+        d.deserialize_any(AuthorizationVisitor)
+    }
+}
+
+impl Authorization {
+    /// Splits `allow` entries into exact IDs and `.../*` prefixes.
+    fn allow(entries: Vec<String>) -> Result<Self, String> {
+        let mut identities = Vec::new();
+        let mut prefixes = Vec::new();
+        for entry in entries {
+            match entry.strip_suffix("/*") {
+                Some(prefix) => {
+                    // A valid prefix is one that yields a valid ID when a segment is added.
+                    SpiffeId::try_from(format!("{prefix}/x"))
+                        .map_err(|_| format!("`{entry}` is not a SPIFFE ID prefix (spiffe://<td>/.../*)"))?;
+                    prefixes.push(format!("{prefix}/"));
+                }
+                None => identities.push(SpiffeId::try_from(entry)?),
+            }
+        }
+        Ok(Authorization::Allow { identities, prefixes })
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn root_path() -> String {
+    "/".to_string()
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+
+fn default_budget_min() -> u32 {
+    10
+}
+
+fn default_budget_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_backoff() -> Duration {
+    Duration::from_millis(25)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}; e.g. `10s`, `250ms`)"))
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn budget_percent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match u32::deserialize(d)? {
+        p @ 0..=1000 => Ok(p),
+        p => Err(serde::de::Error::custom(format!(
+            "retry budget percent {p} is above 1000"
+        ))),
+    }
+}
+
+fn budget_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let ttl = duration(d)?;
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(60) {
+        return Err(serde::de::Error::custom(format!(
+            "retry budget ttl {} must be between 1s and 60s",
+            humantime::format_duration(ttl)
+        )));
+    }
+    Ok(ttl)
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| parse_duration(&s))
+        .transpose()
+        .map_err(serde::de::Error::custom)
+}

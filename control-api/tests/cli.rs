@@ -1,0 +1,165 @@
+//! The `pillion-control` binary: help and version, one-line usage errors with exit code 2, file
+//! errors with exit code 1, `ca init`, and a real `serve` that stops cleanly on SIGTERM.
+
+mod support;
+
+use std::{
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pillion-control"));
+    // Start from a clean environment so the developer's PILLION_* variables do not leak in.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PILLION_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn help_and_version() {
+    let out = bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pillion-control "));
+    let out = bin().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for env in [
+        "PILLION_CONTROL_LISTEN",
+        "PILLION_CONTROL_TRUST_DOMAIN",
+        "PILLION_CONTROL_ISSUER_CERT",
+        "PILLION_CONTROL_ISSUER_KEY",
+        "PILLION_CONTROL_TRUST_ANCHORS",
+        "PILLION_CONTROL_CERT_LIFETIME",
+        "PILLION_CONTROL_TOKENS",
+        "PILLION_CONTROL_TOKEN_REVIEW",
+        "PILLION_CONTROL_POLICY",
+        "PILLION_LOG",
+    ] {
+        assert!(help.contains(env), "help lacks {env}");
+    }
+}
+
+#[test]
+fn bad_flag_values_exit_2_with_one_line() {
+    let out = bin()
+        .args([
+            "serve",
+            "--issuer-cert=a",
+            "--issuer-key=b",
+            "--trust-anchors=c",
+            "--tokens=t",
+        ])
+        .env("PILLION_CONTROL_CERT_LIFETIME", "forever")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--cert-lifetime") && err.contains("PILLION_CONTROL_CERT_LIFETIME") && err.contains("forever"),
+        "{err}"
+    );
+
+    let out = bin()
+        .args(["ca", "init", "--out=x", "--trust-domain=Not Valid"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn ca_init_then_serve_until_sigterm() {
+    let dir = support::TempDir::new("cli");
+    let out = bin().args(["ca", "init", "--out"]).arg(&dir.0).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["root.crt", "issuer.crt", "issuer.key"] {
+        assert!(dir.path(f).exists(), "{f} missing");
+    }
+    // A second run refuses to overwrite.
+    let again = bin().args(["ca", "init", "--out"]).arg(&dir.0).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+
+    std::fs::write(
+        dir.path("tokens.yaml"),
+        "- {token: aaaaaaaaaaaaaaaaaaaaaaaa, namespace: default, serviceAccount: web}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path("policy.yaml"), "destinations: []\n").unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = bin()
+        .arg("serve")
+        .env("PILLION_CONTROL_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PILLION_CONTROL_ISSUER_CERT", dir.path("issuer.crt"))
+        .env("PILLION_CONTROL_ISSUER_KEY", dir.path("issuer.key"))
+        .env("PILLION_CONTROL_TRUST_ANCHORS", dir.path("root.crt"))
+        .env("PILLION_CONTROL_TOKENS", dir.path("tokens.yaml"))
+        .env("PILLION_CONTROL_POLICY", dir.path("policy.yaml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn unusable_files_exit_1_before_binding() {
+    let dir = support::TempDir::new("cli-files");
+    bin().args(["ca", "init", "--out"]).arg(&dir.0).output().unwrap();
+    let other = support::TempDir::new("cli-files-other");
+    bin().args(["ca", "init", "--out"]).arg(&other.0).output().unwrap();
+    std::fs::write(dir.path("tokens.yaml"), "[]\n").unwrap();
+
+    let run = |cert: &std::path::Path, key: &std::path::Path, anchors: &std::path::Path| {
+        bin()
+            .args(["serve", "--listen=127.0.0.1:0"])
+            .arg("--issuer-cert")
+            .arg(cert)
+            .arg("--issuer-key")
+            .arg(key)
+            .arg("--trust-anchors")
+            .arg(anchors)
+            .arg("--tokens")
+            .arg(dir.path("tokens.yaml"))
+            .output()
+            .unwrap()
+    };
+    let missing = run(&dir.path("nope.crt"), &dir.path("issuer.key"), &dir.path("root.crt"));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.crt"));
+
+    let mismatched = run(
+        &dir.path("issuer.crt"),
+        &other.path("issuer.key"),
+        &dir.path("root.crt"),
+    );
+    assert_eq!(mismatched.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&mismatched.stderr).contains("does not match"));
+
+    let not_ca = run(&dir.path("root.crt"), &dir.path("issuer.key"), &dir.path("root.crt"));
+    assert_eq!(not_ca.status.code(), Some(1));
+}

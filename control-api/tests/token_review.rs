@@ -1,0 +1,209 @@
+//! TokenReview against a fake Kubernetes API server: hyper over rustls on loopback, with a serving
+//! certificate from a throwaway CA, answering the way the real API server does.
+
+mod support;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use pillion_control_api::{
+    auth::{AuthError, Authenticator, TokenReview, TokenReviewConfig, WorkloadId},
+    policy::{Policy, PolicyWatch},
+    proto::{CertifyRequest, identity_client::IdentityClient},
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+const CONTROL_PLANE_TOKEN: &str = "control-plane-sa-token";
+
+struct FakeApiServer {
+    addr: SocketAddr,
+    ca_pem: String,
+}
+
+/// Answers TokenReviews: `good-*` tokens belong to default/web (audience `pillion`), `user-token`
+/// to a human user, anything else is unauthenticated. Our own bearer token must be presented.
+async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, body: Value| {
+        Ok(Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap())
+    };
+    if req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" || req.method() != http::Method::POST {
+        return reply(StatusCode::NOT_FOUND, json!({"kind": "Status", "code": 404}));
+    }
+    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {CONTROL_PLANE_TOKEN}")) {
+        return reply(StatusCode::UNAUTHORIZED, json!({"kind": "Status", "code": 401}));
+    }
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["kind"], "TokenReview");
+    assert_eq!(review["apiVersion"], "authentication.k8s.io/v1");
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let token_audiences = vec!["pillion".to_string()];
+    let status =
+        if token.starts_with("good-") && (wanted.is_empty() || wanted.iter().any(|a| token_audiences.contains(a))) {
+            json!({"authenticated": true, "audiences": token_audiences,
+               "user": {"username": "system:serviceaccount:default:web", "uid": "1234"}})
+        } else if token == "user-token" {
+            json!({"authenticated": true, "user": {"username": "alice"}})
+        } else {
+            json!({"authenticated": false, "error": "invalid bearer token"})
+        };
+    reply(
+        StatusCode::CREATED,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}),
+    )
+}
+
+async fn fake_api_server() -> FakeApiServer {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(server_cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service_fn(handle))
+                    .await;
+            });
+        }
+    });
+    FakeApiServer {
+        addr,
+        ca_pem: ca_cert.pem(),
+    }
+}
+
+fn review(server: &FakeApiServer, dir: &support::TempDir, audiences: &[&str], ca_pem: &str) -> TokenReview {
+    std::fs::write(dir.path("ca.crt"), ca_pem).unwrap();
+    std::fs::write(dir.path("token"), format!("{CONTROL_PLANE_TOKEN}\n")).unwrap();
+    TokenReview::new(TokenReviewConfig {
+        api_server: format!("https://{}", server.addr).parse().unwrap(),
+        ca_file: dir.path("ca.crt"),
+        token_file: dir.path("token"),
+        audiences: audiences.iter().map(|a| a.to_string()).collect(),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn service_account_tokens_authenticate() {
+    let server = fake_api_server().await;
+    let dir = support::TempDir::new("token-review");
+    let auth = review(&server, &dir, &["pillion"], &server.ca_pem);
+    let id = auth.authenticate("good-abc").await.unwrap();
+    assert_eq!(id, WorkloadId::new("default", "web").unwrap());
+}
+
+#[tokio::test]
+async fn rejected_tokens_users_and_audiences() {
+    let server = fake_api_server().await;
+    let dir = support::TempDir::new("token-review");
+    let auth = review(&server, &dir, &[], &server.ca_pem);
+    assert!(matches!(auth.authenticate("forged").await, Err(AuthError::Rejected(_))));
+    let err = auth.authenticate("user-token").await.unwrap_err();
+    assert!(
+        matches!(&err, AuthError::Rejected(m) if m.contains("not a service account")),
+        "{err}"
+    );
+
+    let wrong_audience = review(&server, &dir, &["vault"], &server.ca_pem);
+    assert!(matches!(
+        wrong_audience.authenticate("good-abc").await,
+        Err(AuthError::Rejected(_))
+    ));
+}
+
+#[tokio::test]
+async fn api_server_trouble_is_unavailable_not_rejected() {
+    let server = fake_api_server().await;
+    let dir = support::TempDir::new("token-review");
+
+    // Our own credentials are wrong: the API server answers 401.
+    let auth = review(&server, &dir, &[], &server.ca_pem);
+    std::fs::write(dir.path("token"), "stale-token").unwrap();
+    assert!(matches!(
+        auth.authenticate("good-abc").await,
+        Err(AuthError::Unavailable(_))
+    ));
+
+    // The API server's certificate is not signed by the configured CA.
+    let other = fake_api_server().await;
+    let untrusting = review(&server, &dir, &[], &other.ca_pem);
+    let err = untrusting.authenticate("good-abc").await.unwrap_err();
+    assert!(
+        matches!(&err, AuthError::Unavailable(m) if m.contains("certificate")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn certify_through_token_review() {
+    let server = fake_api_server().await;
+    let dir = support::TempDir::new("token-review");
+    let auth = review(&server, &dir, &["pillion"], &server.ca_pem);
+    let (ca, _) = support::test_ca();
+    let shutdown = CancellationToken::new();
+    let (addr, _) = support::start(ca, auth, PolicyWatch::fixed(Policy::default()), shutdown.clone()).await;
+    let mut client = IdentityClient::connect(format!("http://{addr}")).await.unwrap();
+
+    let ok = client
+        .certify(CertifyRequest {
+            token: "good-abc".into(),
+            csr_der: support::csr(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, "spiffe://cluster.local/ns/default/sa/web");
+
+    let refused = client
+        .certify(CertifyRequest {
+            token: "forged".into(),
+            csr_der: support::csr(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    shutdown.cancel();
+}

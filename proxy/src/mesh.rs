@@ -1,0 +1,72 @@
+//! Mesh TLS on the data path: originating mTLS to meshed destinations (outbound) and
+//! terminating it for connections addressed to our identity (inbound).
+
+use std::{io, net::SocketAddr, sync::Arc};
+
+use rustls::{pki_types::ServerName, server::Acceptor};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+
+use crate::{
+    discovery::Discovery,
+    identity::IdentityStore,
+    tls::{MeshTls, spiffe::SpiffeId},
+};
+
+pub struct Mesh {
+    pub tls: MeshTls,
+    pub store: Arc<IdentityStore>,
+    pub discovery: Option<Arc<Discovery>>,
+}
+
+impl Mesh {
+    /// The identity expected at `target`, if the control plane says it is meshed.
+    pub async fn identity_for(&self, target: SocketAddr) -> Option<SpiffeId> {
+        self.discovery.as_ref()?.lookup(target).await?.identity.clone()
+    }
+
+    /// Opens mTLS over `stream`, naming (and so verifying) the expected server identity.
+    pub async fn connect(&self, stream: TcpStream, id: &SpiffeId) -> io::Result<client::TlsStream<TcpStream>> {
+        let sni = id.to_sni().map_err(io::Error::other)?;
+        let name = ServerName::try_from(sni).map_err(io::Error::other)?;
+        TlsConnector::from(self.tls.client.clone()).connect(name, stream).await
+    }
+
+    /// Whether a buffered ClientHello asks for our identity (by SNI).
+    pub fn is_for_us(&self, client_hello: &[u8]) -> bool {
+        let Some(held) = self.store.current() else {
+            return false;
+        };
+        client_hello_sni(client_hello).is_some_and(|sni| sni.eq_ignore_ascii_case(&held.sni))
+    }
+
+    /// Terminates mTLS; returns the stream and the client's verified identity.
+    pub async fn accept<I>(&self, io: I) -> io::Result<(server::TlsStream<I>, SpiffeId)>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let tls = TlsAcceptor::from(self.tls.server.clone()).accept(io).await?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "client sent no certificate"))?;
+        let id = SpiffeId::from_certificate(peer).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+        Ok((tls, id))
+    }
+}
+
+/// The SNI of a complete ClientHello record, parsed by rustls without answering it.
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    let mut acceptor = Acceptor::default();
+    let mut input = record;
+    acceptor.read_tls(&mut input).ok()?;
+    match acceptor.accept() {
+        Ok(Some(accepted)) => accepted.client_hello().server_name().map(str::to_owned),
+        _ => None,
+    }
+}
