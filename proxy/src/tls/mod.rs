@@ -7,6 +7,9 @@
 pub mod spiffe;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 use std::{io, path::Path, sync::Arc};
 
 use rustls::{
