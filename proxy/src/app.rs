@@ -79,6 +79,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     let http_settings = HttpSettings {
         idle_timeout: config.http_idle_timeout,
         max_header_bytes: config.http_max_header_bytes,
+        access_log: config.access_log,
     };
     let detect = || DetectSettings {
         timeout: config.detect_timeout,

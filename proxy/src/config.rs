@@ -37,6 +37,7 @@ pub struct Config {
     #[serde(serialize_with = "human_duration")]
     pub http_idle_timeout: Duration,
     pub http_max_header_bytes: usize,
+    pub access_log: bool,
     /// Control-plane gRPC address (`http://host:port`); `None` = standalone.
     pub control_addr: Option<String>,
     pub identity: IdentitySource,
@@ -183,6 +184,10 @@ struct Args {
     #[arg(long, env = "PILLION_INBOUND_DEFAULT_AUTHORIZATION", default_value = "all-unauthenticated", value_name = "POLICY", value_parser = Authorization::parse_name)]
     inbound_default_authorization: Authorization,
 
+    /// Log one line per HTTP request (target `pillion::access`; JSON lines with --log-format json).
+    #[arg(long, env = "PILLION_ACCESS_LOG", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    access_log: bool,
+
     /// Runtime worker threads; 1 runs everything on one thread, the usual size for a sidecar.
     #[arg(long, env = "PILLION_WORKER_THREADS", default_value = "1", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=512))]
     worker_threads: u16,
@@ -285,6 +290,7 @@ impl TryFrom<Args> for Config {
             opaque_ports: args.opaque_ports,
             http_idle_timeout: args.http_idle_timeout,
             http_max_header_bytes: args.http_max_header_bytes as usize,
+            access_log: args.access_log,
         })
     }
 }

@@ -198,21 +198,35 @@ mod tests {
     }
 }
 
-/// Records every response (real or synthetic) under its route.
+/// Records every response (real or synthetic) under its route and, when enabled, writes one
+/// access-log event per request (target `pillion::access`; JSON lines with `PILLION_LOG_FORMAT=json`).
 #[derive(Clone, Copy, Default)]
-pub struct MetricsLayer;
+pub struct MetricsLayer {
+    pub access_log: bool,
+}
 
 #[derive(Clone)]
 pub struct Metered<S> {
     inner: S,
+    access_log: bool,
 }
 
 impl<S> tower::Layer<S> for MetricsLayer {
     type Service = Metered<S>;
 
     fn layer(&self, inner: S) -> Metered<S> {
-        Metered { inner }
+        Metered {
+            inner,
+            access_log: self.access_log,
+        }
     }
+}
+
+/// What the access log needs from the request, captured before it moves on.
+struct AccessEntry {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
 }
 
 impl<S> tower::Service<super::ProxyRequest> for Metered<S>
@@ -233,12 +247,32 @@ where
             .extensions()
             .get::<super::route::RouteCtx>()
             .map(|ctx| (ctx.route.clone(), ctx.direction));
+        let entry = self.access_log.then(|| AccessEntry {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+        });
         let start = tokio::time::Instant::now();
         let call = self.inner.call(req);
         Box::pin(async move {
             let result = call.await;
+            let elapsed = start.elapsed();
             if let (Some((route, direction)), Ok(rsp)) = (&ctx, &result) {
-                route.metrics[*direction as usize].record(rsp.status(), start.elapsed());
+                route.metrics[*direction as usize].record(rsp.status(), elapsed);
+                if let Some(entry) = entry {
+                    tracing::info!(
+                        target: "pillion::access",
+                        direction = direction.as_str(),
+                        route = &*route.name,
+                        method = %entry.method,
+                        authority = entry.uri.authority().map(|a| a.as_str()),
+                        path = entry.uri.path(),
+                        version = ?entry.version,
+                        status = rsp.status().as_u16(),
+                        duration_ms = elapsed.as_secs_f64() * 1000.0,
+                        proxy_error = rsp.headers().get(super::errors::PROXY_ERROR_HEADER).and_then(|v| v.to_str().ok()),
+                    );
+                }
             }
             result
         })

@@ -45,6 +45,7 @@ pub type ProxyResponse = http::Response<body::ResponseBody>;
 pub struct HttpSettings {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    pub access_log: bool,
 }
 
 /// Everything the HTTP path of one direction shares across connections.
@@ -64,7 +65,9 @@ impl HttpProxy {
     {
         let stack = ServiceBuilder::new()
             .layer(route::RouteLayer::new(self.policy.clone(), self.direction, dst))
-            .layer(metrics::MetricsLayer)
+            .layer(metrics::MetricsLayer {
+                access_log: self.settings.access_log,
+            })
             .layer(authz::AuthzLayer { allowed })
             .layer(errors::ErrorLayer)
             .layer(timeout::TimeoutLayer(timeout::Scope::Request))

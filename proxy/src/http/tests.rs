@@ -97,6 +97,7 @@ fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Prox
         settings: HttpSettings {
             idle_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
+            access_log: true,
         },
         drain: Drain::new(),
     };
