@@ -9,7 +9,10 @@ use clap::{
     Args, CommandFactory, Parser, Subcommand,
     error::{ContextKind, ContextValue, ErrorKind},
 };
-use pillion_control_api::spiffe::TrustDomain;
+use pillion_control_api::{
+    inject::{self, InjectOptions},
+    spiffe::TrustDomain,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -34,6 +37,25 @@ pub enum Command {
     /// Certificate authority tools.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Add Pillion's init container and proxy to the workloads in Kubernetes YAML (stdin to stdout).
+    ///
+    /// Reads one or more YAML documents (separated by `---` lines, or a `kind: List`) from standard
+    /// input and writes them to standard output in the same order. Pods, Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets, ReplicationControllers, Jobs and CronJobs get `pillion-init` and the
+    /// `pillion-proxy` native sidecar (Kubernetes 1.29 or later) at the top of their init
+    /// containers, before the workload's own; every other object passes through. Injecting twice
+    /// changes nothing.
+    ///
+    /// Per workload, annotations on the pod template: `pillion.io/inject: disabled` (leave it out),
+    /// `pillion.io/inbound-ports-to-ignore`, `pillion.io/outbound-ports-to-ignore`,
+    /// `pillion.io/outbound-subnets-to-ignore`, `pillion.io/proxy-log-level`.
+    ///
+    /// Comments: a document that is not changed is copied byte for byte; a changed document keeps
+    /// the comment lines at its top and loses its other comments. One line per workload goes to
+    /// standard error. On any error nothing is written to standard output and the exit code is 1.
+    ///
+    /// Example: `pillion-control inject < app.yaml | kubectl apply -f -`
+    Inject(InjectArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +77,27 @@ pub struct CaInitArgs {
     /// Overwrite existing files.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// Image of the proxy container.
+    #[arg(long, env = "PILLION_INJECT_PROXY_IMAGE", default_value = inject::DEFAULT_PROXY_IMAGE, value_name = "IMAGE", value_parser = parse_image)]
+    pub proxy_image: String,
+
+    /// Image of the init container (pillion-iptables-init).
+    #[arg(long, env = "PILLION_INJECT_INIT_IMAGE", default_value = inject::DEFAULT_INIT_IMAGE, value_name = "IMAGE", value_parser = parse_image)]
+    pub init_image: String,
+
+    /// The control plane, as the proxies reach it (their PILLION_CONTROL_ADDR): `host:port` or
+    /// `http://host:port`.
+    #[arg(long, env = "PILLION_INJECT_CONTROL_ADDR", default_value = inject::DEFAULT_CONTROL_ADDR, value_name = "ADDR", value_parser = parse_control_addr)]
+    pub control_addr: String,
+
+    /// The proxies' log filter (their PILLION_LOG) where the pod template has no
+    /// `pillion.io/proxy-log-level` annotation. This command's own log filter is `--log`.
+    #[arg(long, visible_alias = "log-level", env = "PILLION_INJECT_PROXY_LOG_LEVEL", default_value = inject::DEFAULT_PROXY_LOG_LEVEL, value_name = "FILTER", value_parser = parse_filter)]
+    pub proxy_log_level: String,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +211,18 @@ impl ServeArgs {
     }
 }
 
+impl InjectArgs {
+    pub fn options(&self) -> InjectOptions {
+        InjectOptions {
+            proxy_image: self.proxy_image.clone(),
+            init_image: self.init_image.clone(),
+            control_addr: self.control_addr.clone(),
+            proxy_log_level: self.proxy_log_level.clone(),
+            ..InjectOptions::default()
+        }
+    }
+}
+
 pub fn exit_usage(message: &str) -> ! {
     eprintln!("pillion-control: {message}");
     std::process::exit(2)
@@ -205,6 +260,27 @@ fn env_of(arg: &str) -> Option<String> {
 
 fn parse_filter(s: &str) -> Result<String, String> {
     EnvFilter::try_new(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+fn parse_image(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("expected an image reference such as registry.example/pillion/proxy:0.1.0".to_string());
+    }
+    Ok(s.to_string())
+}
+
+/// The proxy's rule for PILLION_CONTROL_ADDR, so a value it would refuse is refused here.
+fn parse_control_addr(s: &str) -> Result<String, String> {
+    let with_scheme = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    match with_scheme.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.port_u16().is_some() => Ok(s.to_string()),
+        Ok(_) => Err("expected host:port or http://host:port".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
@@ -252,6 +328,35 @@ mod tests {
         assert_eq!(args.token_review_ca, PathBuf::from(SA_DIR).join("ca.crt"));
         assert_eq!(args.token_review_token, PathBuf::from(SA_DIR).join("token"));
         assert_eq!(args.cert_lifetime, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn inject_defaults_and_checks() {
+        let cli = Cli::try_parse_from(["pillion-control", "inject", "--log-level=debug"]).unwrap();
+        let Command::Inject(args) = cli.command else {
+            panic!("inject")
+        };
+        let options = args.options();
+        assert_eq!(options.proxy_image, inject::DEFAULT_PROXY_IMAGE);
+        assert_eq!(options.control_addr, inject::DEFAULT_CONTROL_ADDR);
+        assert_eq!(options.proxy_log_level, "debug");
+
+        for bad in [
+            "--control-addr=https://x:1",
+            "--control-addr=pillion-control",
+            "--proxy-image=a b",
+            "--init-image=",
+            "--proxy-log-level=info,[",
+        ] {
+            let err = Cli::try_parse_from(["pillion-control", "inject", bad]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+        }
+        let err = Cli::try_parse_from(["pillion-control", "inject", "--control-addr=nope"]).unwrap_err();
+        let line = one_line(&err);
+        assert!(
+            line.contains("--control-addr") && line.contains("PILLION_INJECT_CONTROL_ADDR"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -11,11 +11,15 @@
 //! identity_service / discovery_service   the gRPC services over those parts
 //! server      wires the services onto one listener, with graceful shutdown
 //! ```
+//!
+//! [`inject`] is `pillion-control inject`: it adds the init container and the proxy to
+//! Kubernetes workloads in YAML.
 
 pub mod auth;
 pub mod ca;
 pub mod discovery_service;
 pub mod identity_service;
+pub mod inject;
 pub mod policy;
 pub mod proto;
 pub mod server;

@@ -1,16 +1,19 @@
-//! `pillion-control`: flags → load and check every file → bind → serve until SIGTERM.
+//! `pillion-control`: flags → load and check every file → bind → serve until SIGTERM; or one of
+//! the tools (`ca init`, `inject`).
 //!
 //! Exit codes: 2 for a bad flag value (before anything is read), 1 for a file that cannot be read
-//! or used (issuer, key, anchors, tokens, policy) or a listener that cannot be bound.
+//! or used (issuer, key, anchors, tokens, policy), a listener that cannot be bound, or input that
+//! `inject` cannot use.
 
 mod cli;
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
-use cli::{CaCommand, CaInitArgs, Cli, Command, ServeArgs};
+use cli::{CaCommand, CaInitArgs, Cli, Command, InjectArgs, ServeArgs};
 use pillion_control_api::{
     auth::{AnyAuthenticator, TokenFile, TokenReview, TokenReviewConfig},
     ca::{self, CertificateAuthority},
+    inject,
     policy::{Policy, PolicyWatch},
     server::{self, ControlPlane},
 };
@@ -29,6 +32,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Ca(CaCommand::Init(args)) => ca_init(&args),
+        Command::Inject(args) => inject_stdin(&args),
         Command::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
             match runtime {
@@ -152,6 +156,29 @@ fn ca_init(args: &CaInitArgs) -> Result<(), String> {
         files[2].display(),
         args.trust_domain
     );
+    Ok(())
+}
+
+/// Reads all of stdin, then writes all of stdout, or nothing at all on an error.
+fn inject_stdin(args: &InjectArgs) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    let input = String::from_utf8(input).map_err(|e| format!("standard input is not UTF-8: {e}"))?;
+    let injected = inject::inject(&input, &args.options()).map_err(|e| e.to_string().replace('\n', " "))?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(injected.output.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("cannot write standard output: {e}"))?;
+    for report in &injected.reports {
+        eprintln!("{report}");
+        for warning in &report.warnings {
+            eprintln!("{}: warning: {warning}", report.object);
+        }
+    }
     Ok(())
 }
 
