@@ -16,6 +16,8 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::{metrics::Direction, policy::Route};
+
 pub enum RequestBody {
     Empty,
     Incoming(Incoming),
@@ -38,7 +40,38 @@ struct Copied {
 
 pub enum ResponseBody {
     Upstream(Incoming),
+    /// A gRPC response whose `grpc-status` trailer is counted when it passes.
+    Grpc(Incoming, Option<GrpcStatusRecorder>),
     Full(Option<Bytes>),
+}
+
+/// Records a gRPC response's status once, under its route.
+pub struct GrpcStatusRecorder {
+    route: Arc<Route>,
+    direction: Direction,
+}
+
+impl GrpcStatusRecorder {
+    fn record(self, headers: Option<&HeaderMap>) {
+        let status = headers
+            .and_then(|h| h.get("grpc-status"))
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        self.route.metrics[self.direction as usize].record_grpc(status);
+    }
+}
+
+/// Counts the gRPC status of `rsp`: now if it is trailers-only, else when its trailers pass.
+pub fn observe_grpc_status(rsp: &mut http::Response<ResponseBody>, route: Arc<Route>, direction: Direction) {
+    let recorder = GrpcStatusRecorder { route, direction };
+    if rsp.headers().contains_key("grpc-status") {
+        recorder.record(Some(rsp.headers()));
+        return;
+    }
+    let body = std::mem::replace(rsp.body_mut(), ResponseBody::empty());
+    *rsp.body_mut() = match body {
+        ResponseBody::Upstream(incoming) => ResponseBody::Grpc(incoming, Some(recorder)),
+        other => other,
+    };
 }
 
 impl RequestBody {
@@ -164,20 +197,37 @@ impl Body for ResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ResponseBody::Grpc(body, recorder) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                        if let Some(recorder) = recorder.take() {
+                            recorder.record(frame.trailers_ref());
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(recorder) = recorder.take() {
+                            recorder.record(None);
+                        }
+                    }
+                    _ => {}
+                }
+                polled
+            }
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream(body) => body.is_end_stream(),
+            ResponseBody::Upstream(body) | ResponseBody::Grpc(body, _) => body.is_end_stream(),
             ResponseBody::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream(body) => body.size_hint(),
+            ResponseBody::Upstream(body) | ResponseBody::Grpc(body, _) => body.size_hint(),
             ResponseBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

@@ -28,6 +28,13 @@ struct ResponseLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct GrpcLabels {
+    direction: &'static str,
+    route: Arc<str>,
+    grpc_status: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RouteLabels {
     direction: &'static str,
     route: Arc<str>,
@@ -37,6 +44,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct HttpMetrics {
     requests: Family<ResponseLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
     durations: HistogramFamily<ResponseLabels>,
     retries: Family<RouteLabels, Counter>,
     timeouts: Family<RouteLabels, Counter>,
@@ -52,6 +60,7 @@ pub struct RouteMetrics {
     common: Vec<(StatusCode, Counter, Histogram)>,
     requests: Family<ResponseLabels, Counter>,
     durations: HistogramFamily<ResponseLabels>,
+    grpc: Family<GrpcLabels, Counter>,
     pub retries: Counter,
     pub timeouts: Counter,
     pub budget_exhausted: Counter,
@@ -69,6 +78,7 @@ impl HttpMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = HttpMetrics {
             requests: Family::default(),
+            grpc: Family::default(),
             durations: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             retries: Family::default(),
             timeouts: Family::default(),
@@ -80,6 +90,11 @@ impl HttpMetrics {
             "http_requests",
             "HTTP requests answered, by route and status code",
             metrics.requests.clone(),
+        );
+        registry.register(
+            "grpc_requests",
+            "gRPC responses by route and grpc-status (from trailers, or headers for trailers-only responses)",
+            metrics.grpc.clone(),
         );
         registry.register_with_unit(
             "http_request_duration",
@@ -146,6 +161,7 @@ impl HttpMetrics {
             common,
             requests: self.requests.clone(),
             durations: self.durations.clone(),
+            grpc: self.grpc.clone(),
             retries: self.retries.get_or_create(&labels).clone(),
             timeouts: self.timeouts.get_or_create(&labels).clone(),
             budget_exhausted: self.budget_exhausted.get_or_create(&labels).clone(),
@@ -155,6 +171,23 @@ impl HttpMetrics {
 }
 
 impl RouteMetrics {
+    /// Counts a gRPC response by its `grpc-status` (`None` = the stream ended without one).
+    pub fn record_grpc(&self, status: Option<u8>) {
+        let grpc_status = match status {
+            Some(code) => crate::policy::file::GRPC_STATUS_NAMES
+                .get(usize::from(code))
+                .copied()
+                .unwrap_or("UNKNOWN"),
+            None => "NONE",
+        };
+        let labels = GrpcLabels {
+            direction: self.direction,
+            route: self.route.clone(),
+            grpc_status,
+        };
+        self.grpc.get_or_create(&labels).inc();
+    }
+
     pub fn record(&self, status: StatusCode, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
         if let Some((_, counter, histogram)) = self.common.iter().find(|(s, _, _)| *s == status) {
@@ -247,6 +280,7 @@ where
             .extensions()
             .get::<super::route::RouteCtx>()
             .map(|ctx| (ctx.route.clone(), ctx.direction));
+        let grpc = super::errors::is_grpc(&req);
         let entry = self.access_log.then(|| AccessEntry {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -255,10 +289,13 @@ where
         let start = tokio::time::Instant::now();
         let call = self.inner.call(req);
         Box::pin(async move {
-            let result = call.await;
+            let mut result = call.await;
             let elapsed = start.elapsed();
-            if let (Some((route, direction)), Ok(rsp)) = (&ctx, &result) {
+            if let (Some((route, direction)), Ok(rsp)) = (&ctx, &mut result) {
                 route.metrics[*direction as usize].record(rsp.status(), elapsed);
+                if grpc {
+                    super::body::observe_grpc_status(rsp, route.clone(), *direction);
+                }
                 if let Some(entry) = entry {
                     tracing::info!(
                         target: "pillion::access",

@@ -193,7 +193,10 @@ async fn http2_keeps_authority_and_delivers_trailers() {
     // Several concurrent streams over the one client connection.
     let mut calls = Vec::new();
     for _ in 0..4 {
-        let req = Request::get("http://web/api/call").body(Full::default()).unwrap();
+        let req = Request::post("http://web/api/call")
+            .header("content-type", "application/grpc")
+            .body(Full::default())
+            .unwrap();
         calls.push(client.send_request(req));
     }
     for call in calls {
@@ -207,6 +210,10 @@ async fn http2_keeps_authority_and_delivers_trailers() {
     }
     assert_eq!(
         proxy.metric(r#"pillion_http_requests_total{direction="outbound",route="api",status_code="200"}"#),
+        4
+    );
+    assert_eq!(
+        proxy.metric(r#"pillion_grpc_requests_total{direction="outbound",route="api",grpc_status="OK"}"#),
         4
     );
 }
