@@ -1,6 +1,8 @@
 //! Logging: a `tracing` subscriber writing plain or JSON lines to stderr, with a filter that the
 //! admin server can replace at run time (`PUT /log-level`) without restarting the proxy.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, Registry, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 use crate::config::LogFormat;
@@ -14,8 +16,10 @@ impl LogLevel {
     pub fn init(filter: &str, format: LogFormat) -> Self {
         let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
         let (filter, handle) = reload::Layer::new(filter);
+        // Colours only for a person at a terminal, never into log files.
+        let ansi = std::io::stderr().is_terminal();
         let (plain, json) = match format {
-            LogFormat::Plain => (Some(fmt::layer().with_writer(std::io::stderr)), None),
+            LogFormat::Plain => (Some(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)), None),
             LogFormat::Json => (None, Some(fmt::layer().json().with_writer(std::io::stderr))),
         };
         tracing_subscriber::registry()

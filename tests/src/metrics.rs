@@ -33,6 +33,11 @@ pub fn refused(direction: &str, reason: &str) -> String {
     format!("pillion_tcp_connections_refused_total{{direction=\"{direction}\",reason=\"{reason}\"}}")
 }
 
+/// `pillion_tcp_connect_errors_total{direction="<direction>"}`: failed upstream connects.
+pub fn connect_errors(direction: &str) -> String {
+    format!("pillion_tcp_connect_errors_total{{direction=\"{direction}\"}}")
+}
+
 /// One parsed sample line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {

@@ -250,6 +250,11 @@ impl Pod {
         }
     }
 
+    /// The flags the init container ran with.
+    pub fn init_args(&self) -> &[String] {
+        &self.init_args
+    }
+
     /// Runs the init container again with the same flags (as a restarted pod would).
     pub fn rerun_init(&self) -> Output {
         run_init(&self.ns, &self.init_args)
@@ -282,6 +287,22 @@ impl Pod {
             }
         }
         dump
+    }
+
+    /// `ss -tanio` in the pod and in the client namespace: socket states and queues, for
+    /// failure messages about stalled or stuck connections.
+    pub fn sockets(&self) -> String {
+        let mut report = String::new();
+        for ns in [&self.ns, &self.client] {
+            let out = ns.exec("ss", &["-tanio"]);
+            report.push_str(&format!(
+                "== ss -tanio in {} ==\n{}{}",
+                ns.name(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        report
     }
 
     /// Sends SIGTERM to the proxy and waits up to `timeout` for its exit status.

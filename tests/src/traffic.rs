@@ -10,13 +10,14 @@
 //!   read and closes. This is the half-close case: the reply can only be sent after the client's
 //!   FIN crossed the proxy, and the client only sees it if the proxy keeps the other half open.
 //!
-//! Payloads come from [`Pattern`] (a deterministic pseudo-random stream, so lost, duplicated or
+//! Short messages are made with [`opaque`] so that the proxy's protocol detection never waits on
+//! them. Payloads come from [`Pattern`] (a deterministic pseudo-random stream, so lost, duplicated or
 //! reordered bytes change the checksum) and are summarised by [`Digest`] (length + FNV-1a).
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -163,6 +164,18 @@ pub fn digest_then_reply(mut stream: TcpStream) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)
 }
 
+/// A short test message that cannot be mistaken for the start of HTTP or TLS.
+///
+/// The proxy reads a connection's first bytes to detect its protocol, and a word such as `hello`
+/// could still be the method of an HTTP request line, so it would wait (up to its detect
+/// timeout) for more. A leading NUL byte makes the verdict "opaque TCP" immediate.
+pub fn opaque(text: &str) -> Vec<u8> {
+    let mut message = Vec::with_capacity(text.len() + 1);
+    message.push(0);
+    message.extend_from_slice(text.as_bytes());
+    message
+}
+
 /// Client side of a round trip through an [`echo`] server: writes `msg`, reads it back.
 pub fn roundtrip(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
     stream.write_all(msg)?;
@@ -188,22 +201,92 @@ pub fn send_then_read_reply(stream: &mut TcpStream, data: &[u8]) -> io::Result<S
 }
 
 /// Sends `len` pattern bytes through an [`echo`] server while reading the echo concurrently;
-/// returns the digests of what was sent and what came back.
+/// returns the digests of what was sent and what came back. An error says how far each
+/// direction got, which tells a stall in one direction from one in the other.
 pub fn transfer_through_echo(stream: &TcpStream, len: u64, seed: u64) -> io::Result<(Digest, Digest)> {
-    let mut writer = stream.try_clone()?;
+    let written = Arc::new(AtomicU64::new(0));
+    let mut writer = Counting {
+        inner: stream.try_clone()?,
+        written: written.clone(),
+    };
     let mut reader = stream.try_clone()?;
     let sender = std::thread::Builder::new()
         .name("transfer-writer".into())
         .spawn(move || -> io::Result<Digest> {
             let sent = Pattern::new(seed).write_to(&mut writer, len)?;
-            writer.shutdown(Shutdown::Write)?;
+            writer.inner.shutdown(Shutdown::Write)?;
             Ok(sent)
         })?;
-    let received = Digest::read_to_end(&mut reader);
+    let mut received = Digest::new();
+    let read = received.read_from(&mut reader);
+    let progress = |e: io::Error, side: &str| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{side}: {e} (sent {} of {len} bytes, received {})",
+                written.load(Ordering::Relaxed),
+                received.len
+            ),
+        )
+    };
+    if let Err(e) = read {
+        let e = progress(e, "reading");
+        // Unblock the writer rather than wait out its own timeout.
+        let _ = reader.shutdown(Shutdown::Both);
+        let _ = sender.join();
+        return Err(e);
+    }
     let sent = sender
         .join()
-        .map_err(|_| io::Error::other("the writer thread panicked"))??;
-    Ok((sent, received?))
+        .map_err(|_| io::Error::other("the writer thread panicked"))?
+        .map_err(|e| progress(e, "writing"))?;
+    Ok((sent, received))
+}
+
+/// A writer that counts the bytes written through it, readable from another thread.
+struct Counting {
+    inner: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl Write for Counting {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Asserts that the peer closed (EOF) or reset the connection without sending anything back,
+/// after we send `first` (when not empty; a proxy decides nothing before a client's first bytes).
+///
+/// Takes the connect result because a close that beats the end of the handshake is reported by
+/// the connect call itself, as a reset. A peer that stays silent fails the read's timeout.
+pub fn assert_closed_without_data(connected: io::Result<TcpStream>, first: &[u8]) {
+    let closed = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+        )
+    };
+    let mut conn = match connected {
+        Ok(conn) => conn,
+        Err(e) if closed(&e) => return,
+        Err(e) => panic!("expected a connection that is then closed, got {e}"),
+    };
+    // The peer may already have reset the connection: a failed write is fine, the read decides.
+    let _ = conn.write_all(first);
+    let mut buf = [0u8; 64];
+    match conn.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected the connection to be closed, got data {:?}", &buf[..n]),
+        Err(e) if closed(&e) => {}
+        Err(e) => panic!("expected EOF or a reset, got {e}"),
+    }
 }
 
 impl Digest {
@@ -236,11 +319,17 @@ impl Digest {
     /// Reads `reader` to EOF, digesting as it goes.
     pub fn read_to_end(reader: &mut impl Read) -> io::Result<Digest> {
         let mut digest = Digest::new();
+        digest.read_from(reader)?;
+        Ok(digest)
+    }
+
+    /// Digests `reader` to EOF into `self`; on error, `self` covers what was read before it.
+    pub fn read_from(&mut self, reader: &mut impl Read) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match reader.read(&mut buf)? {
-                0 => return Ok(digest),
-                n => digest.update(&buf[..n]),
+                0 => return Ok(()),
+                n => self.update(&buf[..n]),
             }
         }
     }
@@ -260,11 +349,17 @@ impl fmt::Display for Digest {
 
 impl Pattern {
     pub fn new(seed: u64) -> Pattern {
-        // xorshift must not start at zero.
-        Pattern { state: seed | 1 }
+        // One splitmix64 step spreads small seeds over the state; xorshift must not start at 0.
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Pattern {
+            state: (z ^ (z >> 31)).max(1),
+        }
     }
 
-    /// Fills `buf` with the next bytes of the stream.
+    /// Fills `buf` with the next bytes of the stream. Each 8-byte word is one step, so a `buf`
+    /// whose length is not a multiple of 8 drops the rest of its last word.
     pub fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             let mut x = self.state;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use pillion_tests::metrics::opened;
 use pillion_tests::pod::{Pod, describe_output};
 use pillion_tests::require_root;
-use pillion_tests::traffic::{Server, echo, roundtrip};
+use pillion_tests::traffic::{Server, echo, opaque, roundtrip};
 
 #[test]
 fn rerunning_iptables_init_is_a_no_op() {
@@ -24,13 +24,10 @@ fn rerunning_iptables_init_is_a_no_op() {
         assert!(
             out.status.success(),
             "re-run {run} failed:\n{}",
-            describe_output("pillion-iptables-init", &[], &out)
+            describe_output("pillion-iptables-init", pod.init_args(), &out)
         );
         let rules_after = pod.nat_rules();
-        assert_eq!(
-            rules_before, rules_after,
-            "re-run {run} changed the NAT rules"
-        );
+        assert_eq!(rules_before, rules_after, "re-run {run} changed the NAT rules");
     }
 
     // Still intercepting both ways.
@@ -38,9 +35,9 @@ fn rerunning_iptables_init_is_a_no_op() {
     let remote = Server::start(pod.client.listen(SocketAddr::from(([0, 0, 0, 0], 9090))), echo);
     let before = pod.metrics();
     let mut conn = pod.client.connect(pod.addr(8080)).expect("connect inbound");
-    roundtrip(&mut conn, b"in").expect("inbound round trip");
+    roundtrip(&mut conn, &opaque("in")).expect("inbound round trip");
     let mut conn = pod.ns.connect(pod.client_addr(9090)).expect("connect outbound");
-    roundtrip(&mut conn, b"out").expect("outbound round trip");
+    roundtrip(&mut conn, &opaque("out")).expect("outbound round trip");
     assert_eq!(app.peers().first().map(|p| p.ip()), Some(pod.ip.into()));
     assert_eq!(remote.peers().first().map(|p| p.ip()), Some(pod.ip.into()));
     pod.wait_at_least(&opened("inbound"), before.value(&opened("inbound")) + 1.0);

@@ -24,7 +24,11 @@ fn outbound_connection_leaves_through_the_proxy() {
 
     let peers = remote.peers();
     assert_eq!(peers.len(), 1, "remote connections: {peers:?}");
-    assert_eq!(peers[0].ip(), pod.ip, "the connection should come from the pod's address");
+    assert_eq!(
+        peers[0].ip(),
+        pod.ip,
+        "the connection should come from the pod's address"
+    );
     pod.wait_at_least(&opened("outbound"), before.value(&opened("outbound")) + 1.0);
 
     drop(conn);

@@ -27,8 +27,8 @@ fn half_close_is_forwarded_both_ways() {
         return;
     }
     let pod = Pod::start("half");
-    let _app = Server::start(pod.ns.listen(any_v4(8080)), digest_then_reply);
-    let _remote = Server::start(pod.client.listen(any_v4(9090)), digest_then_reply);
+    let app = Server::start(pod.ns.listen(any_v4(8080)), digest_then_reply);
+    let remote = Server::start(pod.client.listen(any_v4(9090)), digest_then_reply);
     let before = pod.metrics();
 
     for (size, seed) in [(0usize, 10u64), (1, 11), (300_000, 12)] {
@@ -44,6 +44,8 @@ fn half_close_is_forwarded_both_ways() {
         assert_eq!(reply, expected, "outbound, {size} bytes then FIN");
     }
 
+    assert_eq!(app.errors(), Vec::<String>::new(), "app side");
+    assert_eq!(remote.errors(), Vec::<String>::new(), "remote side");
     // All six went through the proxy (not around it).
     pod.wait_at_least(&opened("inbound"), before.value(&opened("inbound")) + 3.0);
     pod.wait_at_least(&opened("outbound"), before.value(&opened("outbound")) + 3.0);
@@ -55,24 +57,28 @@ fn large_inbound_transfer_is_intact() {
         return;
     }
     let pod = Pod::start("bigin");
-    let _app = Server::start(pod.ns.listen(any_v4(8080)), echo);
+    let app = Server::start(pod.ns.listen(any_v4(8080)), echo);
     let before = pod.metrics();
 
     let conn = pod.client.connect(pod.addr(8080)).expect("connect to podIP:8080");
     let started = Instant::now();
-    let (sent, received) = transfer_through_echo(&conn, LARGE, 0x5eed).expect("transfer");
+    let (sent, received) = transfer_through_echo(&conn, LARGE, 0x5eed)
+        .unwrap_or_else(|e| panic!("transfer: {e}\napp errors: {:?}\n{}", app.errors(), pod.sockets()));
     let elapsed = started.elapsed();
     drop(conn);
 
     assert_eq!(sent.len, LARGE);
     assert_eq!(received, sent, "the echoed stream differs from the one sent");
     assert!(elapsed < LARGE_TIMEOUT, "transfer took {elapsed:?}");
-    eprintln!(
-        "{} MiB each way in {elapsed:?}",
-        LARGE / (1024 * 1024)
+    eprintln!("{} MiB each way in {elapsed:?}", LARGE / (1024 * 1024));
+    pod.wait_at_least(
+        &read_bytes("inbound"),
+        before.value(&read_bytes("inbound")) + LARGE as f64,
     );
-    pod.wait_at_least(&read_bytes("inbound"), before.value(&read_bytes("inbound")) + LARGE as f64);
-    pod.wait_at_least(&write_bytes("inbound"), before.value(&write_bytes("inbound")) + LARGE as f64);
+    pod.wait_at_least(
+        &write_bytes("inbound"),
+        before.value(&write_bytes("inbound")) + LARGE as f64,
+    );
 }
 
 #[test]
@@ -81,17 +87,24 @@ fn large_outbound_transfer_is_intact() {
         return;
     }
     let pod = Pod::start("bigout");
-    let _remote = Server::start(pod.client.listen(any_v4(9090)), echo);
+    let remote = Server::start(pod.client.listen(any_v4(9090)), echo);
     let before = pod.metrics();
 
     let conn = pod.ns.connect(pod.client_addr(9090)).expect("connect to clientIP:9090");
     let started = Instant::now();
-    let (sent, received) = transfer_through_echo(&conn, LARGE, 0xfeed).expect("transfer");
+    let (sent, received) = transfer_through_echo(&conn, LARGE, 0xfeed)
+        .unwrap_or_else(|e| panic!("transfer: {e}\nremote errors: {:?}\n{}", remote.errors(), pod.sockets()));
     let elapsed = started.elapsed();
     drop(conn);
 
     assert_eq!(received, sent, "the echoed stream differs from the one sent");
     assert!(elapsed < LARGE_TIMEOUT, "transfer took {elapsed:?}");
-    pod.wait_at_least(&read_bytes("outbound"), before.value(&read_bytes("outbound")) + LARGE as f64);
-    pod.wait_at_least(&write_bytes("outbound"), before.value(&write_bytes("outbound")) + LARGE as f64);
+    pod.wait_at_least(
+        &read_bytes("outbound"),
+        before.value(&read_bytes("outbound")) + LARGE as f64,
+    );
+    pod.wait_at_least(
+        &write_bytes("outbound"),
+        before.value(&write_bytes("outbound")) + LARGE as f64,
+    );
 }
