@@ -19,18 +19,28 @@ pub struct Accepted {
     pub dst: OriginalDst,
 }
 
+/// How one listener accepts.
+pub struct AcceptSettings {
+    pub direction: Direction,
+    pub metrics: TcpMetrics,
+    pub keepalive: Duration,
+    /// Send every connection here instead of its original destination: for running without
+    /// iptables (a VM, a laptop, a benchmark), where there is no original destination to read.
+    pub fixed_target: Option<SocketAddr>,
+}
+
 /// Accepts until draining begins, then drops the listener so the kernel refuses new connections.
-pub async fn serve<F, Fut>(
-    listener: TcpListener,
-    direction: Direction,
-    metrics: TcpMetrics,
-    keepalive: Duration,
-    drain: Drain,
-    proxy: F,
-) where
+pub async fn serve<F, Fut>(listener: TcpListener, settings: AcceptSettings, drain: Drain, proxy: F)
+where
     F: Fn(Accepted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let AcceptSettings {
+        direction,
+        metrics,
+        keepalive,
+        fixed_target,
+    } = settings;
     let dir = direction.as_str();
     loop {
         let accepted = tokio::select! {
@@ -48,7 +58,11 @@ pub async fn serve<F, Fut>(
             }
         };
         metrics.opened.inc();
-        let dst = match transport::original_dst(&stream) {
+        let dst = match fixed_target {
+            Some(target) => Ok(OriginalDst(target)),
+            None => transport::original_dst(&stream),
+        };
+        let dst = match dst {
             Ok(dst) => dst,
             Err(refusal) => {
                 match &refusal {

@@ -10,7 +10,7 @@ use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use crate::{
-    accept,
+    accept::{self, AcceptSettings},
     admin::{self, Admin, Readiness},
     config::{Config, IdentitySource, TrustAnchors},
     detect::DetectSettings,
@@ -112,14 +112,15 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         mesh: mesh.clone(),
         default_authorization: config.inbound_default_authorization.clone(),
     });
-    tokio::spawn(accept::serve(
-        inbound_listener,
-        Direction::Inbound,
-        inbound.metrics.clone(),
-        config.tcp_keepalive,
-        drain.clone(),
-        move |conn| inbound.clone().proxy(conn),
-    ));
+    let settings = AcceptSettings {
+        direction: Direction::Inbound,
+        metrics: inbound.metrics.clone(),
+        keepalive: config.tcp_keepalive,
+        fixed_target: config.inbound_target,
+    };
+    tokio::spawn(accept::serve(inbound_listener, settings, drain.clone(), move |conn| {
+        inbound.clone().proxy(conn)
+    }));
 
     let outbound = Arc::new(Outbound {
         connect,
@@ -130,14 +131,15 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     });
     for listener in outbound_listeners {
         let outbound = outbound.clone();
-        tokio::spawn(accept::serve(
-            listener,
-            Direction::Outbound,
-            outbound.metrics.clone(),
-            config.tcp_keepalive,
-            drain.clone(),
-            move |conn| outbound.clone().proxy(conn),
-        ));
+        let settings = AcceptSettings {
+            direction: Direction::Outbound,
+            metrics: outbound.metrics.clone(),
+            keepalive: config.tcp_keepalive,
+            fixed_target: config.outbound_target,
+        };
+        tokio::spawn(accept::serve(listener, settings, drain.clone(), move |conn| {
+            outbound.clone().proxy(conn)
+        }));
     }
 
     let grace = config.shutdown_grace_period;

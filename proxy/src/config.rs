@@ -20,6 +20,10 @@ pub struct Config {
     pub inbound_addr: SocketAddr,
     pub outbound_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// Without iptables: where inbound connections go instead of their original destination.
+    pub inbound_target: Option<SocketAddr>,
+    /// Without iptables: where outbound connections go instead of their original destination.
+    pub outbound_target: Option<SocketAddr>,
     pub log: String,
     pub log_format: LogFormat,
     #[serde(serialize_with = "human_duration")]
@@ -110,6 +114,14 @@ struct Args {
         value_name = "ADDR"
     )]
     admin_addr: SocketAddr,
+
+    /// Without iptables: send every inbound connection to this address (e.g. the app on localhost).
+    #[arg(long, env = "PILLION_INBOUND_TARGET", value_name = "ADDR")]
+    inbound_target: Option<SocketAddr>,
+
+    /// Without iptables: send every outbound connection to this address (e.g. a peer proxy).
+    #[arg(long, env = "PILLION_OUTBOUND_TARGET", value_name = "ADDR")]
+    outbound_target: Option<SocketAddr>,
 
     /// Tracing filter in EnvFilter syntax (e.g. `info,pillion_proxy=debug`).
     #[arg(long, env = "PILLION_LOG", default_value = "info", value_name = "FILTER", value_parser = parse_filter)]
@@ -279,6 +291,8 @@ impl TryFrom<Args> for Config {
             inbound_addr: args.inbound_addr,
             outbound_addrs: args.outbound_addr,
             admin_addr: args.admin_addr,
+            inbound_target: args.inbound_target,
+            outbound_target: args.outbound_target,
             log: args.log,
             log_format: args.log_format,
             shutdown_grace_period: args.shutdown_grace_period,

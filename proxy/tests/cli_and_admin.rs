@@ -27,12 +27,18 @@ struct Proxy {
     child: Child,
     admin: SocketAddr,
     inbound: SocketAddr,
+    outbound: SocketAddr,
 }
 
 impl Proxy {
     fn start() -> Proxy {
+        Proxy::start_with(&[])
+    }
+
+    fn start_with(env: &[(&str, String)]) -> Proxy {
         let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
         let child = Command::new(BIN)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("PILLION_ADMIN_ADDR", admin.to_string())
             .env("PILLION_INBOUND_ADDR", inbound.to_string())
             .env("PILLION_OUTBOUND_ADDR", outbound.to_string())
@@ -41,7 +47,12 @@ impl Proxy {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn pillion-proxy");
-        let proxy = Proxy { child, admin, inbound };
+        let proxy = Proxy {
+            child,
+            admin,
+            inbound,
+            outbound,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok((200, _)) = proxy.try_request("GET", "/ready", "") {
@@ -229,4 +240,37 @@ fn sigterm_exits_zero() {
     let pid = proxy.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn fixed_targets_proxy_without_iptables() {
+    // An echo server standing in for the app / the remote.
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in upstream.incoming().take(2) {
+            let mut stream = stream.unwrap();
+            let mut buf = [0u8; 64];
+            let n = stream.read(&mut buf).unwrap();
+            stream.write_all(&buf[..n]).unwrap();
+        }
+    });
+    let proxy = Proxy::start_with(&[
+        ("PILLION_INBOUND_TARGET", target.to_string()),
+        ("PILLION_OUTBOUND_TARGET", target.to_string()),
+    ]);
+    for listener in [proxy.inbound, proxy.outbound] {
+        let mut s = TcpStream::connect(listener).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // A first byte no protocol starts with: forwarded as opaque TCP at once.
+        s.write_all(b"\0ping").unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"\0ping");
+    }
+    let (_, metrics) = proxy.request("GET", "/metrics", "");
+    assert!(
+        metrics.contains("pillion_tcp_connections_opened_total{direction=\"outbound\"} 1"),
+        "{metrics}"
+    );
 }
