@@ -2,6 +2,11 @@
 
 use pillion_proxy::{app, config, logging};
 
+// mimalloc: measured faster than glibc malloc on the request path (see docs/performance.md),
+// and it returns memory to the OS more eagerly, which keeps an idle sidecar small.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
