@@ -10,6 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let config = config::Config::from_env_or_exit();
     let log = logging::LogLevel::init(&config.log, config.log_format);
 
@@ -41,5 +42,16 @@ fn main() -> ExitCode {
             eprintln!("pillion-proxy: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A sidecar's memory is mostly small per-connection state; transparent huge pages would round
+/// the allocator's arenas up to 2 MiB pages and triple the idle RSS for nothing.
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments, touches no memory of ours, and
+    // only changes how the kernel backs this process's future page faults.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::debug!("could not disable transparent huge pages");
     }
 }
