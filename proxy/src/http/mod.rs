@@ -17,6 +17,7 @@
 pub mod authz;
 pub mod body;
 pub mod errors;
+pub mod framing;
 pub mod metrics;
 pub mod retry;
 pub mod route;
@@ -78,9 +79,9 @@ impl HttpProxy {
             let mut stack = stack.clone();
             stack.call(req.map(RequestBody::Incoming))
         });
-        let io = TokioIo::new(io);
         let served = match version {
             Version::Http1 => {
+                let io = TokioIo::new(framing::FramingGuard::new(io, self.settings.max_header_bytes));
                 let conn = conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.settings.idle_timeout)
@@ -98,6 +99,7 @@ impl HttpProxy {
                 }
             }
             Version::Http2 => {
+                let io = TokioIo::new(io);
                 let conn = conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(self.settings.max_header_bytes as u32)

@@ -341,6 +341,12 @@ async fn smuggling_shaped_requests_are_refused_before_forwarding() {
     let answer = raw_exchange(io, conflicting).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
+    let cl_te = b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n";
+    let (io, _) = proxy("", Version::Http1, addr);
+    let answer = raw_exchange(io, cl_te).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("ambiguous request framing"), "{answer}");
+
     let bad_chunk = b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n";
     let (io, _) = proxy("", Version::Http1, addr);
     let answer = raw_exchange(io, bad_chunk).await;
