@@ -10,17 +10,24 @@
 //! - [`pod`]: a pod (namespace + init rules + proxy as its own UID) and a client namespace;
 //! - [`admin`]: a tiny HTTP/1.1 client for the proxy's admin port;
 //! - [`metrics`]: reading samples out of the proxy's metrics text;
-//! - [`traffic`]: echo / digest servers and a checksummed byte stream for transfers.
+//! - [`traffic`]: echo / digest servers and a checksummed byte stream for transfers;
+//! - [`http_peers`]: HTTP/1.1 + h2c app servers, gRPC, curl and raw HTTP/1 clients, route files;
+//! - [`sidecar`]: init container + proxy in a namespace the caller wired up, and the admin port
+//!   seen from inside it (metrics, `/identity`);
+//! - [`mesh`]: the control plane of a local mesh: CA, tokens, policy, `pillion-control serve`.
 //!
 //! Everything here needs root (namespaces, iptables); tests call [`require_root`] first and skip
 //! themselves otherwise, so `cargo test` stays green for unprivileged developers.
 
 pub mod admin;
 pub mod binaries;
+pub mod http_peers;
+pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod pod;
 pub mod process;
+pub mod sidecar;
 pub mod traffic;
 
 use std::time::{Duration, Instant};

@@ -54,19 +54,46 @@ pub struct VethLink {
     ifname: String,
 }
 
+/// Which ends of a [`VethLink`] get a default route via the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultRoutes {
+    Both,
+    /// Only the first end (`a`): for a second link to a namespace that already has its default
+    /// route, e.g. a client namespace hanging off a pod that is linked to another pod.
+    FirstOnly,
+}
+
+/// A Linux bridge in a "node" namespace: pods attached to it share one L2 segment, as on a
+/// Kubernetes node, and their default route points at the bridge's address. Deleted on drop.
+#[derive(Debug)]
+pub struct Bridge {
+    ns_name: String,
+    name: String,
+    ipv4: Ipv4Addr,
+}
+
 impl Netns {
     /// Creates `pillion-e2e-<pid>-<n>-<name>` with `lo` up.
     ///
     /// Panics when the namespace cannot be created: a test cannot run without it.
     pub fn new(name: &str) -> Netns {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let ns = Netns {
-            name: format!("{PREFIX}-{}-{id}-{name}", std::process::id()),
-        };
-        run_checked(Command::new("ip").args(["netns", "add", &ns.name]));
+        Netns::named(&format!("{PREFIX}-{}-{id}-{name}", std::process::id())).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates the namespace `name` exactly (no prefix, no PID), with `lo` up: for set-ups whose
+    /// names a person types, such as the demo's. Fails if it exists.
+    pub fn named(name: &str) -> Result<Netns, String> {
+        try_run(Command::new("ip").args(["netns", "add", name]))?;
         // From here on the guard owns the namespace: a failure below still deletes it.
-        run_checked(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
-        ns
+        let ns = Netns { name: name.to_owned() };
+        try_run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// Whether a namespace called `name` exists (e.g. left over by a killed run).
+    pub fn exists(name: &str) -> bool {
+        std::path::Path::new("/var/run/netns").join(name).exists()
     }
 
     pub fn name(&self) -> &str {
@@ -161,6 +188,11 @@ impl VethLink {
     /// Creates the pair, addresses both ends, brings them up and routes each side's default
     /// (IPv4, and IPv6 when both ends have an IPv6 address) via the peer.
     pub fn new(a: VethEnd<'_>, b: VethEnd<'_>) -> VethLink {
+        VethLink::with_routes(a, b, DefaultRoutes::Both)
+    }
+
+    /// Like [`VethLink::new`], with default routes only where `routes` says.
+    pub fn with_routes(a: VethEnd<'_>, b: VethEnd<'_>, routes: DefaultRoutes) -> VethLink {
         assert!(
             a.ifname.len() <= 15 && b.ifname.len() <= 15,
             "interface names are ≤ 15 bytes"
@@ -184,7 +216,7 @@ impl VethLink {
             ifname: a.ifname.to_owned(),
         };
         let ipv6 = a.ipv6.is_some() && b.ipv6.is_some();
-        for (this, peer) in [(a, b), (b, a)] {
+        for (this, peer, route) in [(a, b, true), (b, a, routes == DefaultRoutes::Both)] {
             let ns = this.ns.name();
             let ip = |args: &[&str]| {
                 run_checked(Command::new("ip").args(["-n", ns]).args(args));
@@ -195,6 +227,9 @@ impl VethLink {
                 ip(&["addr", "add", &format!("{v6}/64"), "dev", this.ifname, "nodad"]);
             }
             ip(&["link", "set", this.ifname, "up"]);
+            if !route {
+                continue;
+            }
             ip(&["route", "add", "default", "via", &peer.ipv4.to_string()]);
             if let (true, Some(peer_v6)) = (ipv6, peer.ipv6) {
                 ip(&["-6", "route", "add", "default", "via", &peer_v6.to_string()]);
@@ -209,6 +244,63 @@ impl Drop for VethLink {
         // Deleting one end deletes the pair. Errors are expected when the namespace went first.
         let _ = Command::new("ip")
             .args(["-n", &self.ns_name, "link", "del", &self.ifname])
+            .output();
+    }
+}
+
+impl Bridge {
+    /// Creates bridge `name` in `node` with address `ipv4`/24 and brings it up.
+    pub fn new(node: &Netns, name: &str, ipv4: Ipv4Addr) -> Result<Bridge, String> {
+        try_run(Command::new("ip").args(["-n", node.name(), "link", "add", name, "type", "bridge"]))?;
+        let bridge = Bridge {
+            ns_name: node.name().to_owned(),
+            name: name.to_owned(),
+            ipv4,
+        };
+        let ip = |args: &[&str]| try_run(Command::new("ip").args(["-n", node.name()]).args(args));
+        ip(&["addr", "add", &format!("{ipv4}/24"), "dev", name])?;
+        ip(&["link", "set", name, "up"])?;
+        Ok(bridge)
+    }
+
+    /// The bridge's address: the pods' default gateway, and where the node's own services listen.
+    pub fn ipv4(&self) -> Ipv4Addr {
+        self.ipv4
+    }
+
+    /// Plugs `pod` in with a veth pair: `ifname` inside the pod (address `ipv4`/24, default route
+    /// via the bridge), `port` on the node side, enslaved to the bridge. The pair goes away with
+    /// the pod's namespace.
+    pub fn attach(&self, pod: &Netns, ifname: &str, port: &str, ipv4: Ipv4Addr) -> Result<(), String> {
+        let node = &self.ns_name;
+        try_run(Command::new("ip").args([
+            "-n",
+            node,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ifname,
+            "netns",
+            pod.name(),
+        ]))?;
+        try_run(Command::new("ip").args(["-n", node, "link", "set", port, "master", &self.name]))?;
+        try_run(Command::new("ip").args(["-n", node, "link", "set", port, "up"]))?;
+        let ip = |args: &[&str]| try_run(Command::new("ip").args(["-n", pod.name()]).args(args));
+        ip(&["addr", "add", &format!("{ipv4}/24"), "dev", ifname])?;
+        ip(&["link", "set", ifname, "up"])?;
+        ip(&["route", "add", "default", "via", &self.ipv4.to_string()])
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        // Errors are expected when the node namespace went first.
+        let _ = Command::new("ip")
+            .args(["-n", &self.ns_name, "link", "del", &self.name])
             .output();
     }
 }
@@ -228,11 +320,20 @@ fn enter(path: &str) {
 
 /// Runs a host-side setup command and panics with its stderr when it fails.
 fn run_checked(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    if let Err(e) = try_run(cmd) {
+        panic!("{e}");
+    }
+}
+
+/// Runs a host-side setup command; its stderr is the error when it fails.
+fn try_run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
 }

@@ -47,9 +47,10 @@ static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
 /// How to start a [`Pod`].
 #[derive(Debug, Clone, Default)]
 pub struct PodOptions {
-    ipv6: bool,
-    init_args: Vec<String>,
-    proxy_env: Vec<(String, String)>,
+    pub(crate) ipv6: bool,
+    pub(crate) init_args: Vec<String>,
+    pub(crate) proxy_env: Vec<(String, String)>,
+    pub(crate) own_process_group: bool,
 }
 
 /// A running pod: namespace, redirect rules, ready proxy, and a client namespace next to it.
@@ -90,6 +91,13 @@ impl PodOptions {
     /// Sets (or overrides) one of the proxy's environment variables.
     pub fn proxy_env(mut self, key: &str, value: &str) -> Self {
         self.proxy_env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the proxy in a process group of its own, so a Ctrl-C in the terminal reaches only
+    /// the program that started it, which then stops the proxy in order (the demo does this).
+    pub fn own_process_group(mut self) -> Self {
+        self.own_process_group = true;
         self
     }
 }
@@ -326,7 +334,7 @@ impl Drop for Pod {
 }
 
 /// `ip netns exec POD pillion-iptables-init ARGS`, as root.
-fn run_init(ns: &Netns, args: &[String]) -> Output {
+pub(crate) fn run_init(ns: &Netns, args: &[String]) -> Output {
     let mut cmd = ns.command(binaries::iptables_init());
     cmd.args(args);
     without_pillion_env(&mut cmd);
@@ -337,7 +345,7 @@ fn run_init(ns: &Netns, args: &[String]) -> Output {
 /// `ip netns exec POD setpriv --reuid=2102 --regid=2102 --clear-groups pillion-proxy`.
 ///
 /// Both `ip netns exec` and `setpriv` exec, so the child's PID is the proxy's own.
-fn proxy_command(ns: &Netns, options: &PodOptions) -> Command {
+pub(crate) fn proxy_command(ns: &Netns, options: &PodOptions) -> Command {
     let mut cmd = ns.command("setpriv");
     cmd.arg(format!("--reuid={PROXY_UID}"))
         .arg(format!("--regid={PROXY_UID}"))
@@ -364,11 +372,14 @@ fn proxy_command(ns: &Netns, options: &PodOptions) -> Command {
     for (key, value) in &options.proxy_env {
         cmd.env(key, value);
     }
+    if options.own_process_group {
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    }
     cmd
 }
 
 /// Keeps a developer's own `PILLION_*` settings out of the binaries under test.
-fn without_pillion_env(cmd: &mut Command) {
+pub fn without_pillion_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PILLION_") {
             cmd.env_remove(key);

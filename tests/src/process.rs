@@ -12,15 +12,17 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
-/// A temporary directory for logs, removed on drop unless the test is failing.
+/// A temporary directory for logs, removed on drop unless the test is failing (or [`LogDir::keep`]
+/// was called).
 #[derive(Debug)]
 pub struct LogDir {
     path: PathBuf,
+    keep: AtomicBool,
 }
 
 /// A running child process that is killed and reaped on drop.
@@ -36,12 +38,29 @@ impl LogDir {
     pub fn new(name: &str) -> LogDir {
         let id = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("pillion-e2e-{}-{id}-{name}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        LogDir { path }
+        LogDir::create(path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A log directory at exactly `path` (created, mode 0755 so the proxy's UID can read the
+    /// files put there for it).
+    pub fn create(path: PathBuf) -> Result<LogDir, String> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        Ok(LogDir {
+            path,
+            keep: AtomicBool::new(false),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Keeps the directory when the guard drops (e.g. after a failure reported without a panic).
+    pub fn keep(&self) {
+        self.keep.store(true, Ordering::Relaxed);
     }
 }
 
@@ -49,6 +68,8 @@ impl Drop for LogDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("logs kept in {}", self.path.display());
+        } else if self.keep.load(Ordering::Relaxed) {
+            // The owner has said where the logs are.
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
         }
@@ -116,6 +137,11 @@ impl Process {
             0 => Ok(()),
             _ => Err(std::io::Error::last_os_error()),
         }
+    }
+
+    /// Where the process's stdout and stderr go.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// Everything the process wrote to stdout and stderr so far.

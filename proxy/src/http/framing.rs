@@ -1,6 +1,6 @@
 //! Request-framing guard for HTTP/1 clients: refuses, with 400 and a closed connection, a request
 //! whose body length is ambiguous — `Content-Length` together with `Transfer-Encoding` — before
-//! any of it is forwarded.
+//! any of it is forwarded; and a request head over the size limit with 431.
 //!
 //! hyper alone would drop the `Content-Length`, frame by `Transfer-Encoding` and close after the
 //! response: safe, but the request still reaches the app. A request like that is how request
@@ -9,8 +9,8 @@
 //! The guard sits between the socket and hyper and hands hyper only bytes it has classified:
 //! each request head is read whole and checked, then its body is passed through by its framing
 //! (length, or chunk by chunk) so the next head is found exactly where hyper will look for it.
-//! Anything the guard cannot follow (a malformed head, an oversized head, an upgrade) is passed
-//! through untouched and left to hyper, which rejects malformed input itself.
+//! Anything the guard cannot follow (a malformed head, an upgrade) is passed through untouched and
+//! left to hyper, which rejects malformed input itself.
 
 use std::{
     io,
@@ -21,8 +21,10 @@ use std::{
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const REJECTION: &[u8] =
+const AMBIGUOUS: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\npillion-proxy-error: ambiguous request framing\r\ncontent-length: 27\r\nconnection: close\r\n\r\nambiguous request framing\r\n";
+const TOO_LARGE: &[u8] =
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nconnection: close\r\n\r\nrequest header too large\r\n";
 
 pub struct FramingGuard<I> {
     io: I,
@@ -43,8 +45,8 @@ enum State {
     Chunked(Chunk),
     /// An upgrade, or input we do not follow: everything passes.
     Passthrough,
-    /// Writing the 400; `usize` = bytes written so far.
-    Rejecting(usize),
+    /// Writing a refusal; `usize` = bytes written so far.
+    Rejecting(&'static [u8], usize),
     Rejected,
 }
 
@@ -81,7 +83,7 @@ impl<I> FramingGuard<I> {
             let unclassified = &self.pending[self.releasable..];
             let step = match &mut self.state {
                 State::Passthrough => Step::Release(unclassified.len()),
-                State::Rejecting(_) | State::Rejected => return,
+                State::Rejecting(..) | State::Rejected => return,
                 State::Body(left) => {
                     let n = (*left).min(unclassified.len() as u64);
                     *left -= n;
@@ -111,12 +113,13 @@ impl<I> FramingGuard<I> {
         if unclassified.is_empty() {
             return Step::NeedMore;
         }
-        let Some(end) = find_head_end(unclassified) else {
-            if unclassified.len() > self.max_head {
-                // hyper will answer 431; nothing for us to follow.
-                self.state = State::Passthrough;
-                return Step::Release(0);
-            }
+        let end = find_head_end(unclassified);
+        if end.unwrap_or(unclassified.len()) > self.max_head {
+            // Refused here rather than by hyper, whose buffer limit depends on read sizes.
+            self.state = State::Rejecting(TOO_LARGE, 0);
+            return Step::NeedMore;
+        }
+        let Some(end) = end else {
             return Step::NeedMore;
         };
         let mut headers = [httparse::EMPTY_HEADER; 128];
@@ -148,7 +151,7 @@ impl<I> FramingGuard<I> {
             }
         }
         self.state = match (transfer_encoding, content_length) {
-            (Some(_), Some(_)) => State::Rejecting(0),
+            (Some(_), Some(_)) => State::Rejecting(AMBIGUOUS, 0),
             (Some(te), None) => {
                 let chunked = te
                     .rsplit(|b| *b == b',')
@@ -164,7 +167,7 @@ impl<I> FramingGuard<I> {
             (None, Some(0)) | (None, None) => State::Head,
             (None, Some(n)) => State::Body(n),
         };
-        if matches!(self.state, State::Rejecting(_)) {
+        if matches!(self.state, State::Rejecting(..)) {
             tracing::info!("request with both Content-Length and Transfer-Encoding refused");
             return Step::NeedMore;
         }
@@ -239,9 +242,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for FramingGuard<I> {
                 this.releasable -= n;
                 return Poll::Ready(Ok(()));
             }
-            if let State::Rejecting(written) = &mut this.state {
-                while *written < REJECTION.len() {
-                    let n = ready!(Pin::new(&mut this.io).poll_write(cx, &REJECTION[*written..]))?;
+            if let State::Rejecting(response, written) = &mut this.state {
+                while *written < response.len() {
+                    let n = ready!(Pin::new(&mut this.io).poll_write(cx, &response[*written..]))?;
                     if n == 0 {
                         break;
                     }
@@ -380,6 +383,14 @@ POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\
         let (passed, back) = run(&input, 2).await;
         assert_eq!(passed, input);
         assert!(back.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_head_gets_431() {
+        let input = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(70 * 1024));
+        let (passed, back) = run(input.as_bytes(), 4096).await;
+        assert!(passed.is_empty());
+        assert!(back.starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&back));
     }
 
     #[tokio::test]
