@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::{
     accept::{self, AcceptSettings},
     admin::{self, Admin, Readiness},
+    authz::Authorizer,
     config::{Config, IdentitySource, TrustAnchors},
     detect::DetectSettings,
     discovery::Discovery,
@@ -96,6 +97,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             } else {
                 None
             },
+            metrics.tcp(direction),
         )),
         settings: http_settings,
         drain: drain.clone(),
@@ -110,7 +112,11 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         detect: detect(),
         http: http(Direction::Inbound),
         mesh: mesh.clone(),
-        default_authorization: config.inbound_default_authorization.clone(),
+        authorizer: Arc::new(Authorizer {
+            discovery: mesh.as_ref().and_then(|m| m.discovery.clone()),
+            policy: policy.clone(),
+            default: config.inbound_default_authorization.clone(),
+        }),
     });
     let settings = AcceptSettings {
         direction: Direction::Inbound,

@@ -1,14 +1,53 @@
-//! Inbound authorization: who may connect to a port of this workload.
+//! Inbound authorization: who may reach a port of this workload.
 //!
-//! Decided once per connection, after TLS: a denied TCP connection is closed, a denied HTTP
-//! connection answers each request with 403. Policies come, most specific first, from the
-//! control plane (for `pod-ip:port`), the route file's `inbound` section, then the default.
+//! TCP is decided once per connection, after TLS: a denied connection is closed. HTTP is decided
+//! per request against the live policy, so a revocation applies to the next request even on a
+//! pooled keep-alive connection; a denied request gets 403. Policies come, most specific first,
+//! from the control plane (for `pod-ip:port`), the route file's `inbound` section, then the
+//! default. With a control plane configured and no answer from it yet, the answer is no: an
+//! unreachable control plane must not open ports it would have closed.
 
-use std::fmt;
+use std::{fmt, net::SocketAddr, sync::Arc};
 
 use serde::Deserialize;
 
-use crate::tls::spiffe::SpiffeId;
+use crate::{discovery::Discovery, policy::reload::SharedPolicy, tls::spiffe::SpiffeId};
+
+/// Decides authorization from the current policies.
+pub struct Authorizer {
+    pub discovery: Option<Arc<Discovery>>,
+    pub policy: SharedPolicy,
+    pub default: Authorization,
+}
+
+impl Authorizer {
+    /// A connection's decision: the first one for a port waits briefly for the control plane.
+    pub async fn connection(&self, app: SocketAddr, client: Option<&SpiffeId>) -> bool {
+        if let Some(discovery) = &self.discovery {
+            discovery.lookup(app).await;
+        }
+        self.decide(app, client)
+    }
+
+    /// The decision against the latest known policies, without waiting.
+    pub fn decide(&self, app: SocketAddr, client: Option<&SpiffeId>) -> bool {
+        if let Some(discovery) = &self.discovery {
+            match discovery.latest(app) {
+                None => return false,
+                Some(target) => {
+                    if let Some(authorization) = &target.authorization {
+                        return authorization.permits(client);
+                    }
+                }
+            }
+        }
+        let policy = self.policy.load();
+        policy
+            .inbound_authorization(app.port())
+            .unwrap_or(&self.default)
+            .permits(client)
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Authorization {

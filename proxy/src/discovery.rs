@@ -60,6 +60,13 @@ impl Discovery {
         }
         rx.borrow().clone()
     }
+
+    /// The latest state for `addr` without waiting; `None` until the control plane has answered
+    /// (or when nobody asked about `addr` yet).
+    pub fn latest(&self, addr: SocketAddr) -> Option<Arc<Target>> {
+        let watches = self.watches.lock().ok()?;
+        watches.get(&addr)?.borrow().clone()
+    }
 }
 
 /// Follows one destination's stream for the life of the process, reconnecting on failure.

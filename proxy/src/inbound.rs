@@ -24,10 +24,10 @@ use tracing::{info, warn};
 
 use crate::{
     accept::Accepted,
-    authz::Authorization,
+    authz::Authorizer,
     detect::{DetectSettings, PrefixedIo, Protocol},
     forward,
-    http::{HttpProxy, upstream::Version},
+    http::{HttpProxy, authz::ConnectionAuthz, upstream::Version},
     mesh::Mesh,
     metrics::{Direction, TcpMetrics},
     tls::spiffe::SpiffeId,
@@ -40,7 +40,7 @@ pub struct Inbound {
     pub detect: DetectSettings,
     pub http: HttpProxy,
     pub mesh: Option<Arc<Mesh>>,
-    pub default_authorization: Authorization,
+    pub authorizer: Arc<Authorizer>,
 }
 
 impl Inbound {
@@ -68,6 +68,7 @@ impl Inbound {
             }
         }
         if matches!(protocol, Protocol::Tls | Protocol::Opaque) {
+            self.metrics.mesh_connection(None);
             if self.authorize(app, None, peer).await {
                 // Plain sockets on both sides: the cheapest forwarding path.
                 let (connect, metrics) = (self.connect, &self.metrics);
@@ -90,19 +91,28 @@ impl Inbound {
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let allowed = self.authorize(app, client_id.as_ref(), peer).await;
+        self.metrics.mesh_connection(client_id.as_ref().map(SpiffeId::as_str));
         match protocol {
             Protocol::Http1 | Protocol::Http2 => {
+                // The first connection to a port waits briefly for the control plane's policy.
+                self.authorizer.connection(app, client_id.as_ref()).await;
                 let version = if protocol == Protocol::Http1 {
                     Version::Http1
                 } else {
                     Version::Http2
                 };
+                // HTTP is checked again per request, against the policy of the moment.
+                let authz = Arc::new(ConnectionAuthz {
+                    authorizer: self.authorizer.clone(),
+                    app,
+                    client: client_id,
+                    denied: self.metrics.authz_denied.clone(),
+                });
                 self.http
-                    .serve(PrefixedIo::new(prefix, io), version, app, peer, allowed)
+                    .serve(PrefixedIo::new(prefix, io), version, app, peer, Some(authz))
                     .await
             }
-            Protocol::Tls | Protocol::Opaque if allowed => {
+            Protocol::Tls | Protocol::Opaque if self.authorize(app, client_id.as_ref(), peer).await => {
                 let (connect, metrics) = (self.connect, &self.metrics);
                 forward::proxy_opaque_io(io, &prefix, peer, app, Direction::Inbound, connect, metrics).await
             }
@@ -111,21 +121,9 @@ impl Inbound {
         }
     }
 
-    /// Whether `client_id` (None = no mesh TLS) may reach `app`'s port; counts the decision.
+    /// Whether a TCP client (`None` = no mesh TLS) may reach `app`'s port; counts and logs a denial.
     async fn authorize(&self, app: SocketAddr, client_id: Option<&SpiffeId>, peer: SocketAddr) -> bool {
-        self.metrics.mesh_connection(client_id.map(SpiffeId::as_str));
-        let from_control_plane = match self.mesh.as_ref().and_then(|m| m.discovery.as_ref()) {
-            Some(discovery) => discovery.lookup(app).await,
-            None => None,
-        };
-        let policy = self.http.policy.load();
-        let decision = match from_control_plane.as_ref().and_then(|t| t.authorization.as_ref()) {
-            Some(authorization) => authorization.permits(client_id),
-            None => policy
-                .inbound_authorization(app.port())
-                .unwrap_or(&self.default_authorization)
-                .permits(client_id),
-        };
+        let decision = self.authorizer.connection(app, client_id).await;
         if !decision {
             self.metrics.authz_denied.inc();
             let client = client_id.map_or("(no mesh identity)", SpiffeId::as_str);

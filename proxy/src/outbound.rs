@@ -50,7 +50,7 @@ impl Outbound {
                     Version::Http2
                 };
                 self.http
-                    .serve(PrefixedIo::new(prefix, stream), version, target, peer, true)
+                    .serve(PrefixedIo::new(prefix, stream), version, target, peer, None)
                     .await
             }
             Protocol::Tls | Protocol::Opaque => {

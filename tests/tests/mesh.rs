@@ -376,7 +376,6 @@ fn authorization_follows_the_control_plane_policy() {
 /// connection for later requests, so a changed policy reaches HTTP only once the pooled
 /// connection closes. Run with `--ignored` to check a fix.
 #[test]
-#[ignore = "known bug: HTTP authorization sticks to the pooled mesh connection across policy changes"]
 fn http_authorization_follows_policy_changes_on_pooled_connections() {
     if !require_root("http_authorization_follows_policy_changes_on_pooled_connections") {
         return;
@@ -573,7 +572,6 @@ fn traffic_continues_while_the_control_plane_is_down() {
 /// connect. Today the lookup gives up after 1 s and `PILLION_INBOUND_DEFAULT_AUTHORIZATION`
 /// (`all-unauthenticated` by default) decides: plaintext from outside the mesh gets through.
 #[test]
-#[ignore = "known bug: inbound authorization fails open when the control plane is unreachable at a port's first connection"]
 fn unknown_port_policy_does_not_fail_open_when_the_control_plane_is_down() {
     if !require_root("unknown_port_policy_does_not_fail_open_when_the_control_plane_is_down") {
         return;

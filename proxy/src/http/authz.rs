@@ -1,13 +1,17 @@
-//! Authorization for HTTP: decided per connection (by the client's identity and the port's
-//! policy) and enforced per request, so a denied client gets a clear 403 rather than a reset.
+//! Authorization for HTTP: decided per request from the client's identity and the port's live
+//! policy, so a revocation applies to the next request on an open connection, and a denied
+//! client gets a clear 403 rather than a reset.
 
 use std::{
     future::Future,
+    net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use http::StatusCode;
+use prometheus_client::metrics::counter::Counter;
 use tower::{Layer, Service};
 
 use super::{
@@ -15,14 +19,22 @@ use super::{
     errors::{is_grpc, synthetic_response},
 };
 
-#[derive(Clone, Copy)]
+/// What an inbound connection is checked against; `None` (outbound) allows everything.
+pub struct ConnectionAuthz {
+    pub authorizer: Arc<crate::authz::Authorizer>,
+    pub app: SocketAddr,
+    pub client: Option<crate::tls::spiffe::SpiffeId>,
+    pub denied: Counter,
+}
+
+#[derive(Clone)]
 pub struct AuthzLayer {
-    pub allowed: bool,
+    pub check: Option<Arc<ConnectionAuthz>>,
 }
 
 #[derive(Clone)]
 pub struct Authz<S> {
-    allowed: bool,
+    check: Option<Arc<ConnectionAuthz>>,
     inner: S,
 }
 
@@ -31,7 +43,7 @@ impl<S> Layer<S> for AuthzLayer {
 
     fn layer(&self, inner: S) -> Authz<S> {
         Authz {
-            allowed: self.allowed,
+            check: self.check.clone(),
             inner,
         }
     }
@@ -52,8 +64,16 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
-        if self.allowed {
+        let allowed = self
+            .check
+            .as_ref()
+            .is_none_or(|c| c.authorizer.decide(c.app, c.client.as_ref()));
+        if allowed {
             return Box::pin(self.inner.call(req));
+        }
+        if let Some(check) = &self.check {
+            check.denied.inc();
+            tracing::debug!(port = check.app.port(), client = ?check.client, "request denied by authorization policy");
         }
         let denied = synthetic_response(StatusCode::FORBIDDEN, "denied by authorization policy", is_grpc(&req));
         Box::pin(std::future::ready(Ok(denied)))

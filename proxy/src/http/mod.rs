@@ -60,8 +60,14 @@ pub struct HttpProxy {
 
 impl HttpProxy {
     /// Serves one client connection until it closes, or until drain asks it to finish.
-    pub async fn serve<I>(&self, io: I, version: Version, dst: SocketAddr, peer: SocketAddr, allowed: bool)
-    where
+    pub async fn serve<I>(
+        &self,
+        io: I,
+        version: Version,
+        dst: SocketAddr,
+        peer: SocketAddr,
+        authz: Option<Arc<authz::ConnectionAuthz>>,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let stack = ServiceBuilder::new()
@@ -69,7 +75,7 @@ impl HttpProxy {
             .layer(metrics::MetricsLayer {
                 access_log: self.settings.access_log,
             })
-            .layer(authz::AuthzLayer { allowed })
+            .layer(authz::AuthzLayer { check: authz })
             .layer(errors::ErrorLayer)
             .layer(timeout::TimeoutLayer(timeout::Scope::Request))
             .layer(retry::RetryLayer)

@@ -93,6 +93,7 @@ fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Prox
                 keepalive: Duration::from_secs(10),
             },
             None,
+            metrics.tcp(Direction::Outbound),
         )),
         settings: HttpSettings {
             idle_timeout: Duration::from_secs(10),
@@ -103,7 +104,7 @@ fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Prox
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
-    tokio::spawn(async move { http.serve(server, version, dst, peer, true).await });
+    tokio::spawn(async move { http.serve(server, version, dst, peer, None).await });
     (client, Proxy { metrics })
 }
 

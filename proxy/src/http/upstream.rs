@@ -33,6 +33,7 @@ use tracing::debug;
 use super::{ProxyRequest, ProxyResponse, body::ResponseBody, errors::ProxyError, route::RouteCtx};
 use crate::{
     mesh::Mesh,
+    metrics::TcpMetrics,
     transport::{self, ConnectSettings},
 };
 
@@ -47,6 +48,8 @@ pub struct Pool {
     connect: ConnectSettings,
     /// Outbound only: originate mesh TLS to targets that discovery says are meshed.
     mesh: Option<Arc<Mesh>>,
+    /// Counts new upstream connections by mesh identity (when `mesh` is set).
+    metrics: TcpMetrics,
     h1_idle: Mutex<HashMap<SocketAddr, Vec<H1>>>,
     h2: Mutex<HashMap<SocketAddr, H2>>,
 }
@@ -71,10 +74,11 @@ struct Session {
 }
 
 impl Pool {
-    pub fn new(connect: ConnectSettings, mesh: Option<Arc<Mesh>>) -> Self {
+    pub fn new(connect: ConnectSettings, mesh: Option<Arc<Mesh>>, metrics: TcpMetrics) -> Self {
         Pool {
             connect,
             mesh,
+            metrics,
             h1_idle: Mutex::default(),
             h2: Mutex::default(),
         }
@@ -88,7 +92,9 @@ impl Pool {
         let Some(mesh) = &self.mesh else {
             return Ok(Connection::Plain(stream));
         };
-        match mesh.identity_for(target).await {
+        let id = mesh.identity_for(target).await;
+        self.metrics.mesh_connection(id.as_ref().map(|id| id.as_str()));
+        match id {
             Some(id) => {
                 let tls = mesh.connect(stream, &id).await.map_err(ProxyError::Connect)?;
                 Ok(Connection::Mesh(Box::new(tls)))
