@@ -2,10 +2,14 @@
 //! retries, timeouts and retry-budget exhaustion. Label values are route names from the config
 //! (never raw paths), so cardinality is bounded by the config.
 //!
-//! Each route resolves its handles when the policy is compiled; the common status codes are
-//! pre-resolved too, so recording a typical response touches two atomics and no label map.
+//! Each route resolves its handles when the policy is compiled; a common status code's handles
+//! are kept by the route after its first response with that status, so recording a typical
+//! response touches two atomics and no label map, and unused statuses export no empty series.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use http::StatusCode;
 use prometheus_client::{
@@ -57,7 +61,8 @@ pub struct HttpMetrics {
 pub struct RouteMetrics {
     direction: &'static str,
     route: Arc<str>,
-    common: Vec<(StatusCode, Counter, Histogram)>,
+    /// Handles for the common statuses, resolved on first use (so no empty series are exported).
+    common: [(StatusCode, OnceLock<(Counter, Histogram)>); COMMON_STATUSES.len()],
     requests: Family<ResponseLabels, Counter>,
     durations: HistogramFamily<ResponseLabels>,
     grpc: Family<GrpcLabels, Counter>,
@@ -66,8 +71,17 @@ pub struct RouteMetrics {
     pub budget_exhausted: Counter,
 }
 
-/// Statuses resolved up front for every route.
-const COMMON_STATUSES: [u16; 8] = [200, 201, 204, 404, 500, 502, 503, 504];
+/// Statuses whose handles a route keeps once it has used them.
+const COMMON_STATUSES: [StatusCode; 8] = [
+    StatusCode::OK,
+    StatusCode::CREATED,
+    StatusCode::NO_CONTENT,
+    StatusCode::NOT_FOUND,
+    StatusCode::INTERNAL_SERVER_ERROR,
+    StatusCode::BAD_GATEWAY,
+    StatusCode::SERVICE_UNAVAILABLE,
+    StatusCode::GATEWAY_TIMEOUT,
+];
 
 fn duration_histogram() -> Histogram {
     // 0.5 ms .. ~16 s.
@@ -138,20 +152,7 @@ impl HttpMetrics {
 
     fn route_in(&self, direction: Direction, route: Arc<str>) -> RouteMetrics {
         let direction = direction.as_str();
-        let common = COMMON_STATUSES
-            .iter()
-            .filter_map(|code| StatusCode::from_u16(*code).ok())
-            .map(|status| {
-                let labels = ResponseLabels {
-                    direction,
-                    route: route.clone(),
-                    status_code: status.as_u16(),
-                };
-                let counter = self.requests.get_or_create(&labels).clone();
-                let histogram = self.durations.get_or_create(&labels).clone();
-                (status, counter, histogram)
-            })
-            .collect();
+        let common = COMMON_STATUSES.map(|status| (status, OnceLock::new()));
         let labels = RouteLabels {
             direction,
             route: route.clone(),
@@ -190,18 +191,26 @@ impl RouteMetrics {
 
     pub fn record(&self, status: StatusCode, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        if let Some((_, counter, histogram)) = self.common.iter().find(|(s, _, _)| *s == status) {
+        if let Some((_, handles)) = self.common.iter().find(|(s, _)| *s == status) {
+            let (counter, histogram) = handles.get_or_init(|| self.resolve(status));
             counter.inc();
             histogram.observe(secs);
             return;
         }
+        let (counter, histogram) = self.resolve(status);
+        counter.inc();
+        histogram.observe(secs);
+    }
+
+    fn resolve(&self, status: StatusCode) -> (Counter, Histogram) {
         let labels = ResponseLabels {
             direction: self.direction,
             route: self.route.clone(),
             status_code: status.as_u16(),
         };
-        self.requests.get_or_create(&labels).inc();
-        self.durations.get_or_create(&labels).observe(secs);
+        let counter = self.requests.get_or_create(&labels).clone();
+        let histogram = self.durations.get_or_create(&labels).clone();
+        (counter, histogram)
     }
 }
 
