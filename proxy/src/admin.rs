@@ -94,7 +94,13 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
-                let mut rsp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                // Encoding takes milliseconds with many routes: off the data-path thread.
+                let metrics = self.metrics.clone();
+                let encoded = match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                    Ok(encoded) => encoded,
+                    Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n"),
+                };
+                let mut rsp = Response::new(Full::new(Bytes::from(encoded)));
                 rsp.headers_mut()
                     .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(OPENMETRICS));
                 rsp
