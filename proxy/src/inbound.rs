@@ -96,11 +96,7 @@ impl Inbound {
             Protocol::Http1 | Protocol::Http2 => {
                 // The first connection to a port waits briefly for the control plane's policy.
                 self.authorizer.connection(app, client_id.as_ref()).await;
-                let version = if protocol == Protocol::Http1 {
-                    Version::Http1
-                } else {
-                    Version::Http2
-                };
+                let version = Version::of(protocol);
                 // HTTP is checked again per request, against the policy of the moment.
                 let authz = Arc::new(ConnectionAuthz {
                     authorizer: self.authorizer.clone(),

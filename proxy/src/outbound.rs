@@ -44,11 +44,7 @@ impl Outbound {
         let (connect, metrics) = (self.connect, &self.metrics);
         match protocol {
             Protocol::Http1 | Protocol::Http2 => {
-                let version = if protocol == Protocol::Http1 {
-                    Version::Http1
-                } else {
-                    Version::Http2
-                };
+                let version = Version::of(protocol);
                 self.http
                     .serve(PrefixedIo::new(prefix, stream), version, target, peer, None)
                     .await

@@ -3,9 +3,7 @@
 //! client gets a clear 403 rather than a reset.
 
 use std::{
-    future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
@@ -15,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use tower::{Layer, Service};
 
 use super::{
-    ProxyRequest, ProxyResponse,
+    ProxyRequest, ProxyResponse, ResponseFuture,
     errors::{is_grpc, synthetic_response},
 };
 
@@ -51,13 +49,12 @@ impl<S> Layer<S> for AuthzLayer {
 
 impl<S> Service<ProxyRequest> for Authz<S>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse>,
+    S: Service<ProxyRequest, Response = ProxyResponse, Future = ResponseFuture<<S as Service<ProxyRequest>>::Error>>,
     S::Error: Send + 'static,
-    S::Future: Send + 'static,
 {
     type Response = ProxyResponse;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, S::Error>> + Send>>;
+    type Future = ResponseFuture<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -69,7 +66,7 @@ where
             .as_ref()
             .is_none_or(|c| c.authorizer.decide(c.app, c.client.as_ref()));
         if allowed {
-            return Box::pin(self.inner.call(req));
+            return self.inner.call(req);
         }
         if let Some(check) = &self.check {
             check.denied.inc();

@@ -41,6 +41,10 @@ use upstream::{Pool, Upstream, Version};
 
 pub type ProxyRequest = http::Request<body::RequestBody>;
 pub type ProxyResponse = http::Response<body::ResponseBody>;
+/// The future every layer returns. A layer with nothing to do for a request hands back its inner
+/// layer's future as it is, rather than boxing it again.
+pub type ResponseFuture<E = errors::ProxyError> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<ProxyResponse, E>> + Send>>;
 
 #[derive(Clone, Copy, Debug)]
 pub struct HttpSettings {

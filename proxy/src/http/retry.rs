@@ -8,8 +8,6 @@
 //! Backoff is exponential with full jitter between retries.
 
 use std::{
-    future::Future,
-    pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
@@ -17,7 +15,7 @@ use std::{
 use http::{Request, StatusCode};
 use tower::{Layer, Service, retry::budget::Budget};
 
-use super::{ProxyRequest, ProxyResponse, body::RequestBody, errors::ProxyError, route::RouteCtx};
+use super::{ProxyRequest, ProxyResponse, ResponseFuture, body::RequestBody, errors::ProxyError, route::RouteCtx};
 
 #[derive(Clone, Copy, Default)]
 pub struct RetryLayer;
@@ -35,25 +33,25 @@ impl<S> Layer<S> for RetryLayer {
     }
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
-
 impl<S> Service<ProxyRequest> for Retry<S>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ResponseFuture>
+        + Clone
+        + Send
+        + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: ProxyRequest) -> BoxFuture {
+    fn call(&mut self, req: ProxyRequest) -> ResponseFuture {
         let ctx = match req.extensions().get::<RouteCtx>() {
             Some(ctx) if ctx.route.retry.is_some() => ctx.clone(),
-            _ => return Box::pin(self.inner.call(req)),
+            _ => return self.inner.call(req),
         };
         // Take the ready service; a clone stands in for the next call (tower's usual pattern).
         let clone = self.inner.clone();

@@ -2,15 +2,11 @@
 //! above the retry layer), `backendRequest` bounds one attempt (placed below it). Both measure
 //! until the response headers arrive; a streaming body is not cut off afterwards.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    task::{Context, Poll},
-};
+use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use super::{ProxyRequest, ProxyResponse, errors::ProxyError, route::RouteCtx};
+use super::{ProxyRequest, ProxyResponse, ResponseFuture, errors::ProxyError, route::RouteCtx};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -39,12 +35,11 @@ impl<S> Layer<S> for TimeoutLayer {
 
 impl<S> Service<ProxyRequest> for Timeout<S>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError>,
-    S::Future: Send + 'static,
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ResponseFuture>,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -61,7 +56,7 @@ where
         });
         let call = self.inner.call(req);
         let Some((limit, route, direction)) = limit else {
-            return Box::pin(call);
+            return call;
         };
         let scope = self.scope;
         Box::pin(async move {

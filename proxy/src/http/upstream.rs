@@ -61,6 +61,17 @@ pub enum Version {
     Http2,
 }
 
+impl Version {
+    /// The HTTP version detection found (anything but HTTP/1 here is HTTP/2).
+    pub fn of(protocol: crate::detect::Protocol) -> Self {
+        if protocol == crate::detect::Protocol::Http1 {
+            Version::Http1
+        } else {
+            Version::Http2
+        }
+    }
+}
+
 /// The upstream side of one client connection.
 #[derive(Clone)]
 pub struct Upstream {
