@@ -3,7 +3,9 @@
 //! client gets a clear 403 rather than a reset.
 
 use std::{
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
@@ -13,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tower::{Layer, Service};
 
 use super::{
-    ProxyRequest, ProxyResponse, ResponseFuture,
+    ProxyRequest, ProxyResponse,
     errors::{is_grpc, synthetic_response},
 };
 
@@ -49,12 +51,12 @@ impl<S> Layer<S> for AuthzLayer {
 
 impl<S> Service<ProxyRequest> for Authz<S>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse, Future = ResponseFuture<<S as Service<ProxyRequest>>::Error>>,
-    S::Error: Send + 'static,
+    S: Service<ProxyRequest, Response = ProxyResponse>,
+    S::Future: Unpin,
 {
     type Response = ProxyResponse;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Error>;
+    type Future = AuthzFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -66,13 +68,36 @@ where
             .as_ref()
             .is_none_or(|c| c.authorizer.decide(c.app, c.client.as_ref()));
         if allowed {
-            return self.inner.call(req);
+            return AuthzFuture::Allowed(self.inner.call(req));
         }
         if let Some(check) = &self.check {
             check.denied.inc();
             tracing::debug!(port = check.app.port(), client = ?check.client, "request denied by authorization policy");
         }
         let denied = synthetic_response(StatusCode::FORBIDDEN, "denied by authorization policy", is_grpc(&req));
-        Box::pin(std::future::ready(Ok(denied)))
+        AuthzFuture::Denied(Some(denied))
+    }
+}
+
+/// The inner answer when allowed, else the 403 (taken once).
+pub enum AuthzFuture<F> {
+    Allowed(F),
+    Denied(Option<ProxyResponse>),
+}
+
+impl<F, E> Future for AuthzFuture<F>
+where
+    F: Future<Output = Result<ProxyResponse, E>> + Unpin,
+{
+    type Output = Result<ProxyResponse, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            AuthzFuture::Allowed(inner) => Pin::new(inner).poll(cx),
+            AuthzFuture::Denied(denied) => match denied.take() {
+                Some(rsp) => Poll::Ready(Ok(rsp)),
+                None => Poll::Pending,
+            },
+        }
     }
 }

@@ -8,13 +8,15 @@
 use std::{
     future::Future,
     pin::Pin,
-    task::{Context, Poll},
+    sync::Arc,
+    task::{Context, Poll, ready},
 };
 
 use http::{HeaderValue, Response, StatusCode, header};
 use tower::{Layer, Service};
 
 use super::{ProxyRequest, ProxyResponse, body::ResponseBody, route::RouteCtx};
+use crate::policy::Route;
 
 pub const PROXY_ERROR_HEADER: &str = "pillion-proxy-error";
 
@@ -124,11 +126,11 @@ impl<S> Layer<S> for ErrorLayer {
 impl<S> Service<ProxyRequest> for Errors<S>
 where
     S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
+    type Future = ErrorsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -137,17 +139,38 @@ where
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
         let grpc = is_grpc(&req);
         let route = req.extensions().get::<RouteCtx>().map(|ctx| ctx.route.clone());
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            match call.await {
-                Ok(rsp) => Ok(rsp),
-                Err(error) => {
-                    let route = route.as_ref().map_or("", |r| &r.name);
-                    tracing::info!(route, %error, "request failed");
-                    Ok(synthetic_response(error.status(), error.reason(), grpc))
-                }
+        ErrorsFuture {
+            inner: self.inner.call(req),
+            grpc,
+            route,
+        }
+    }
+}
+
+/// The inner answer, or the synthetic response for its error. A plain future rather than a
+/// boxed `async` block: it runs for every request.
+pub struct ErrorsFuture<F> {
+    inner: F,
+    grpc: bool,
+    route: Option<Arc<Route>>,
+}
+
+impl<F> Future for ErrorsFuture<F>
+where
+    F: Future<Output = Result<ProxyResponse, ProxyError>> + Unpin,
+{
+    type Output = Result<ProxyResponse, ProxyError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll(cx)) {
+            Ok(rsp) => Poll::Ready(Ok(rsp)),
+            Err(error) => {
+                let route = this.route.as_ref().map_or("", |r| &r.name);
+                tracing::info!(route, %error, "request failed");
+                Poll::Ready(Ok(synthetic_response(error.status(), error.reason(), this.grpc)))
             }
-        })
+        }
     }
 }
 

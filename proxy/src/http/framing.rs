@@ -14,6 +14,7 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     pin::Pin,
     task::{Context, Poll, ready},
 };
@@ -25,6 +26,9 @@ const AMBIGUOUS: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\npillion-proxy-error: ambiguous request framing\r\ncontent-length: 27\r\nconnection: close\r\n\r\nambiguous request framing\r\n";
 const TOO_LARGE: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\ncontent-length: 26\r\nconnection: close\r\n\r\nrequest header too large\r\n";
+
+/// More header fields than this and the guard steps aside; hyper's own limit (100) answers 431.
+const MAX_HEADERS: usize = 128;
 
 pub struct FramingGuard<I> {
     io: I,
@@ -113,25 +117,22 @@ impl<I> FramingGuard<I> {
         if unclassified.is_empty() {
             return Step::NeedMore;
         }
-        let end = find_head_end(unclassified);
-        if end.unwrap_or(unclassified.len()) > self.max_head {
+        // Uninitialised: a head is parsed on every request, and zeroing 128 slots each time
+        // would cost more than the parse.
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let end = match req.parse_with_uninit_headers(unclassified, &mut headers) {
+            Ok(httparse::Status::Complete(end)) if end <= self.max_head => end,
             // Refused here rather than by hyper, whose buffer limit depends on read sizes.
-            self.state = State::Rejecting(TOO_LARGE, 0);
-            return Step::NeedMore;
-        }
-        let Some(end) = end else {
-            return Step::NeedMore;
-        };
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&unclassified[..end]) {
-            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Complete(_)) => return self.reject(TOO_LARGE),
+            Ok(httparse::Status::Partial) if unclassified.len() > self.max_head => return self.reject(TOO_LARGE),
+            Ok(httparse::Status::Partial) => return Step::NeedMore,
             // Malformed or too many headers: hyper decides (400 / 431).
-            _ => {
+            Err(_) => {
                 self.state = State::Passthrough;
                 return Step::Release(0);
             }
-        }
+        };
         let mut content_length = None;
         let mut transfer_encoding = None;
         let mut upgrade = req.method == Some("CONNECT");
@@ -172,6 +173,11 @@ impl<I> FramingGuard<I> {
             return Step::NeedMore;
         }
         Step::Release(end)
+    }
+
+    fn reject(&mut self, response: &'static [u8]) -> Step {
+        self.state = State::Rejecting(response, 0);
+        Step::NeedMore
     }
 }
 
@@ -224,10 +230,6 @@ fn step_chunk(chunk: &mut Chunk, input: &[u8]) -> (Step, Option<State>) {
             None => (Step::NeedMore, None),
         },
     }
-}
-
-fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for FramingGuard<I> {

@@ -7,7 +7,10 @@
 //! response touches two atomics and no label map, and unused statuses export no empty series.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{Arc, OnceLock},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -21,8 +24,9 @@ use prometheus_client::{
     },
     registry::{Registry, Unit},
 };
+use tokio::time::Instant;
 
-use crate::metrics::Direction;
+use crate::{metrics::Direction, policy::Route};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResponseLabels {
@@ -274,18 +278,18 @@ struct AccessEntry {
 impl<S> tower::Service<super::ProxyRequest> for Metered<S>
 where
     S: tower::Service<super::ProxyRequest, Response = super::ProxyResponse>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = super::ProxyResponse;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<super::ProxyResponse, S::Error>> + Send>>;
+    type Future = MeteredFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: super::ProxyRequest) -> Self::Future {
-        let ctx = req
+        let route = req
             .extensions()
             .get::<super::route::RouteCtx>()
             .map(|ctx| (ctx.route.clone(), ctx.direction));
@@ -295,32 +299,56 @@ where
             uri: req.uri().clone(),
             version: req.version(),
         });
-        let start = tokio::time::Instant::now();
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            let mut result = call.await;
-            let elapsed = start.elapsed();
-            if let (Some((route, direction)), Ok(rsp)) = (&ctx, &mut result) {
-                route.metrics[*direction as usize].record(rsp.status(), elapsed);
-                if grpc {
-                    super::body::observe_grpc_status(rsp, route.clone(), *direction);
-                }
-                if let Some(entry) = entry {
-                    tracing::info!(
-                        target: "pillion::access",
-                        direction = direction.as_str(),
-                        route = &*route.name,
-                        method = %entry.method,
-                        authority = entry.uri.authority().map(|a| a.as_str()),
-                        path = entry.uri.path(),
-                        version = ?entry.version,
-                        status = rsp.status().as_u16(),
-                        duration_ms = elapsed.as_secs_f64() * 1000.0,
-                        proxy_error = rsp.headers().get(super::errors::PROXY_ERROR_HEADER).and_then(|v| v.to_str().ok()),
-                    );
-                }
+        MeteredFuture {
+            start: Instant::now(),
+            inner: self.inner.call(req),
+            route,
+            grpc,
+            entry,
+        }
+    }
+}
+
+/// Waits for the answer, then records it. A plain future rather than a boxed `async` block: it
+/// runs for every request.
+pub struct MeteredFuture<F> {
+    inner: F,
+    start: Instant,
+    route: Option<(Arc<Route>, Direction)>,
+    grpc: bool,
+    entry: Option<AccessEntry>,
+}
+
+impl<F, E> Future for MeteredFuture<F>
+where
+    F: Future<Output = Result<super::ProxyResponse, E>> + Unpin,
+{
+    type Output = Result<super::ProxyResponse, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let mut result = ready!(Pin::new(&mut this.inner).poll(cx));
+        let elapsed = this.start.elapsed();
+        if let (Some((route, direction)), Ok(rsp)) = (&this.route, &mut result) {
+            route.metrics[*direction as usize].record(rsp.status(), elapsed);
+            if this.grpc {
+                super::body::observe_grpc_status(rsp, route.clone(), *direction);
             }
-            result
-        })
+            if let Some(entry) = this.entry.take() {
+                tracing::info!(
+                    target: "pillion::access",
+                    direction = direction.as_str(),
+                    route = &*route.name,
+                    method = %entry.method,
+                    authority = entry.uri.authority().map(|a| a.as_str()),
+                    path = entry.uri.path(),
+                    version = ?entry.version,
+                    status = rsp.status().as_u16(),
+                    duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    proxy_error = rsp.headers().get(super::errors::PROXY_ERROR_HEADER).and_then(|v| v.to_str().ok()),
+                );
+            }
+        }
+        Poll::Ready(result)
     }
 }

@@ -93,6 +93,7 @@ impl HttpProxy {
             Version::Http1 => {
                 let io = TokioIo::new(framing::FramingGuard::new(io, self.settings.max_header_bytes));
                 let conn = conn::http1::Builder::new()
+                    .writev(false)
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.settings.idle_timeout)
                     .max_buf_size(self.settings.max_header_bytes)

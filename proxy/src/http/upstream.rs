@@ -20,7 +20,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
@@ -121,13 +121,16 @@ impl Pool {
         }
     }
 
-    async fn h2(&self, target: SocketAddr) -> Result<H2, ProxyError> {
-        if let Some(tx) = self
-            .h2
+    /// The shared HTTP/2 connection to `target`, if there is one still open.
+    fn h2_ready(&self, target: SocketAddr) -> Option<H2> {
+        self.h2
             .lock()
             .ok()
             .and_then(|m| m.get(&target).filter(|tx| !tx.is_closed()).cloned())
-        {
+    }
+
+    async fn h2(&self, target: SocketAddr) -> Result<H2, ProxyError> {
+        if let Some(tx) = self.h2_ready(target) {
             return Ok(tx);
         }
         let tx = match self.connect(target).await? {
@@ -174,7 +177,13 @@ async fn handshake_h1<I>(io: I, target: SocketAddr, upgrades: bool) -> Result<H1
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(ProxyError::Upstream)?;
+    // writev off: hyper then copies a small head and body into one buffer and makes one plain
+    // write, which costs less than assembling an iovec for the typical small message.
+    let (tx, conn) = http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(ProxyError::Upstream)?;
     tokio::spawn(async move {
         let done = if upgrades {
             conn.with_upgrades().await
@@ -239,7 +248,9 @@ impl Session {
         }
         match self.pool.take_idle_h1(target) {
             Some(tx) => Ok(tx),
-            None => self.pool.connect_h1(target, false).await,
+            // Boxed: the connect future is large, and keeping it inline would make every
+            // request's future (and every move of it) that large.
+            None => Box::pin(self.pool.connect_h1(target, false)).await,
         }
     }
 
@@ -270,7 +281,7 @@ impl Service<ProxyRequest> for Upstream {
                 None => return Err(ProxyError::Connect(std::io::Error::other("no route target"))),
             };
             let rsp = if version == Version::Http1 && is_upgrade(&req) {
-                tunnel(&session.pool, target, req).await?
+                Box::pin(tunnel(&session.pool, target, req)).await?
             } else {
                 send(&session, version, target, req).await?
             };
@@ -288,7 +299,10 @@ async fn send(
     strip_hop_by_hop(req.headers_mut());
     let mut rsp = match version {
         Version::Http2 => {
-            let mut tx = session.pool.h2(target).await?;
+            let mut tx = match session.pool.h2_ready(target) {
+                Some(tx) => tx,
+                None => Box::pin(session.pool.h2(target)).await?,
+            };
             tx.send_request(req).await.map_err(ProxyError::from_send)?
         }
         Version::Http1 => {
@@ -301,7 +315,7 @@ async fn send(
                 Err(mut e) => match e.take_message() {
                     // Never written: the pooled connection had been closed by the server.
                     Some(req) => {
-                        let mut tx = session.pool.connect_h1(target, false).await?;
+                        let mut tx = Box::pin(session.pool.connect_h1(target, false)).await?;
                         let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
                         session.hold(target, tx);
                         rsp
@@ -350,27 +364,88 @@ fn is_upgrade<B>(req: &http::Request<B>) -> bool {
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection and must not be
 /// forwarded. `te: trailers` stays: gRPC needs it end to end. hyper re-frames bodies itself.
+///
+/// Runs twice per request, so it first looks at each name once and removes only what is there:
+/// most messages carry no hop-by-hop header but `connection: keep-alive`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(listed) = headers.remove(header::CONNECTION) {
-        if let Ok(listed) = listed.to_str() {
-            for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    if name != header::TE {
-                        headers.remove(name);
-                    }
-                }
-            }
-        }
+    let mut found = HopByHop::default();
+    for (name, value) in headers.iter() {
+        found.note(name, value);
     }
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::UPGRADE);
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if headers
-        .get(header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    if found == HopByHop::default() {
+        return;
+    }
+    if found.connection {
+        headers.remove(header::CONNECTION);
+    }
+    for name in found.listed.drain(..).filter(|n| n != header::TE) {
+        headers.remove(name);
+    }
+    if found.transfer_encoding {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if found.upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    if found.keep_alive {
+        headers.remove(KEEP_ALIVE);
+    }
+    if found.proxy_connection {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if found.te
+        && headers
+            .get(header::TE)
+            .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers one message carries.
+#[derive(Default, PartialEq)]
+struct HopByHop {
+    connection: bool,
+    transfer_encoding: bool,
+    upgrade: bool,
+    keep_alive: bool,
+    proxy_connection: bool,
+    te: bool,
+    /// Names listed in `Connection`.
+    listed: Vec<HeaderName>,
+}
+
+impl HopByHop {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        // Dispatch on the length first: most names are ruled out by it alone.
+        match name.as_str().len() {
+            2 => self.te |= name == header::TE,
+            7 => self.upgrade |= name == header::UPGRADE,
+            10 if name == header::CONNECTION => {
+                self.connection = true;
+                self.note_listed(value);
+            }
+            10 => self.keep_alive |= name == KEEP_ALIVE,
+            16 => self.proxy_connection |= name == PROXY_CONNECTION,
+            17 => self.transfer_encoding |= name == header::TRANSFER_ENCODING,
+            _ => {}
+        }
+    }
+
+    /// The names a `Connection` value lists, but the options that name no header.
+    fn note_listed(&mut self, value: &HeaderValue) {
+        for name in value.to_str().unwrap_or_default().split(',').map(str::trim) {
+            let option = name.eq_ignore_ascii_case("keep-alive") || name.eq_ignore_ascii_case("close");
+            if name.is_empty() || option {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                self.listed.push(name);
+            }
+        }
     }
 }
 
@@ -390,5 +465,27 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["te", "host"]);
+    }
+
+    #[test]
+    fn connection_options_and_other_hop_by_hop_names_are_handled() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "close".parse().unwrap());
+        headers.insert("proxy-connection", "keep-alive".parse().unwrap());
+        headers.insert(header::TE, "gzip".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        headers.insert("x-close", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-close"]);
+
+        // Nothing hop-by-hop: the map is left exactly as it was.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "web".parse().unwrap());
+        headers.append("x-many", "1".parse().unwrap());
+        headers.append("x-many", "2".parse().unwrap());
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
     }
 }
