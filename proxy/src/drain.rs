@@ -6,9 +6,17 @@
 //! 3. [`Drain::wait`] lets tracked connections finish, up to the grace period, then returns so
 //!    the process can exit 0 (whatever is still open is closed by exiting).
 
-use std::time::Duration;
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
 
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
 #[derive(Clone, Default)]
 pub struct Drain {
@@ -35,6 +43,16 @@ impl Drain {
         self.signal.cancelled().await
     }
 
+    /// Resolves once draining has begun, like [`Drain::started`], but cheap to poll again: a
+    /// connection's serve loop polls it at every wake-up, that is several times per request.
+    pub fn signal(&self) -> Started {
+        Started {
+            token: self.signal.clone(),
+            wait: Box::pin(self.signal.clone().cancelled_owned()),
+            registered: None,
+        }
+    }
+
     /// Runs a connection task that drain waits for.
     pub fn spawn<F>(&self, task: F)
     where
@@ -53,6 +71,33 @@ impl Drain {
     }
 }
 
+/// See [`Drain::signal`]. After the first poll its waker stays registered with the token, so a
+/// later poll with the same waker is one atomic load; another waker registers again.
+pub struct Started {
+    token: CancellationToken,
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    registered: Option<Waker>,
+}
+
+impl Future for Started {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.token.is_cancelled() {
+            return Poll::Ready(());
+        }
+        if this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let poll = this.wait.as_mut().poll(cx);
+        if poll.is_pending() {
+            this.registered = Some(cx.waker().clone());
+        }
+        poll
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +113,26 @@ mod tests {
         let start = tokio::time::Instant::now();
         assert_eq!(drain.wait(Duration::from_secs(5)).await, 1);
         assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn signal_wakes_a_task_that_polled_it_before_drain_began() {
+        let drain = Drain::new();
+        let mut signal = drain.signal();
+        // Polled twice with the task's waker: the second poll takes the cheap path.
+        assert!(futures_poll(&mut signal).await.is_pending());
+        assert!(futures_poll(&mut signal).await.is_pending());
+        let waiter = tokio::spawn(signal);
+        tokio::task::yield_now().await;
+        drain.begin();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the signal resolves once drain begins")
+            .unwrap();
+    }
+
+    async fn futures_poll(signal: &mut Started) -> Poll<()> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *signal).poll(cx))).await
     }
 
     #[tokio::test(start_paused = true)]

@@ -137,8 +137,10 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
-        let grpc = is_grpc(&req);
-        let route = req.extensions().get::<RouteCtx>().map(|ctx| ctx.route.clone());
+        let (route, grpc) = match req.extensions().get::<RouteCtx>() {
+            Some(ctx) => (Some(ctx.route.clone()), ctx.grpc),
+            None => (None, is_grpc(&req)),
+        };
         ErrorsFuture {
             inner: self.inner.call(req),
             grpc,

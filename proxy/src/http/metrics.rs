@@ -289,11 +289,10 @@ where
     }
 
     fn call(&mut self, req: super::ProxyRequest) -> Self::Future {
-        let route = req
-            .extensions()
-            .get::<super::route::RouteCtx>()
-            .map(|ctx| (ctx.route.clone(), ctx.direction));
-        let grpc = super::errors::is_grpc(&req);
+        let (route, grpc) = match req.extensions().get::<super::route::RouteCtx>() {
+            Some(ctx) => (Some((ctx.route.clone(), ctx.direction)), ctx.grpc),
+            None => (None, super::errors::is_grpc(&req)),
+        };
         let entry = self.access_log.then(|| AccessEntry {
             method: req.method().clone(),
             uri: req.uri().clone(),

@@ -100,9 +100,11 @@ impl HttpProxy {
                     .serve_connection(io, service)
                     .with_upgrades();
                 tokio::pin!(conn);
+                let mut drain = self.drain.signal();
                 tokio::select! {
+                    biased;
                     served = conn.as_mut() => served,
-                    () = self.drain.started() => {
+                    () = &mut drain => {
                         // HTTP/1: close after the response in flight (or now, if idle).
                         conn.as_mut().graceful_shutdown();
                         conn.await
@@ -117,9 +119,11 @@ impl HttpProxy {
                     .adaptive_window(true)
                     .serve_connection(io, service);
                 tokio::pin!(conn);
+                let mut drain = self.drain.signal();
                 tokio::select! {
+                    biased;
                     served = conn.as_mut() => served,
-                    () = self.drain.started() => {
+                    () = &mut drain => {
                         // HTTP/2: GOAWAY, let streams in flight finish.
                         conn.as_mut().graceful_shutdown();
                         conn.await

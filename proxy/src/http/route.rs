@@ -25,6 +25,8 @@ pub struct RouteCtx {
     pub target: SocketAddr,
     pub direction: Direction,
     pub retry_buffer_bytes: usize,
+    /// The request is gRPC (`content-type: application/grpc…`): errors become grpc-status.
+    pub grpc: bool,
 }
 
 #[derive(Clone)]
@@ -69,7 +71,9 @@ impl<S: Service<ProxyRequest>> Service<ProxyRequest> for Routing<S> {
 
     fn call(&mut self, mut req: ProxyRequest) -> S::Future {
         let policy = self.layer.policy.load();
-        let destination = policy.destination(authority(&req), self.layer.dst);
+        // The Host lookup is only worth doing when some destination is named by host.
+        let authority = if policy.routes_by_host() { authority(&req) } else { None };
+        let destination = policy.destination(authority, self.layer.dst);
         let route = destination.route(&req).clone();
         let ctx = RouteCtx {
             target: route.backend(self.layer.dst),
@@ -77,6 +81,7 @@ impl<S: Service<ProxyRequest>> Service<ProxyRequest> for Routing<S> {
             route,
             direction: self.layer.direction,
             retry_buffer_bytes: policy.retry_buffer_bytes,
+            grpc: super::errors::is_grpc(&req),
         };
         req.extensions_mut().insert(ctx);
         self.inner.call(req)

@@ -154,6 +154,11 @@ impl Policy {
         self.by_addr.get(&dst).unwrap_or(&self.fallback)
     }
 
+    /// Whether any destination is named by host (else only the original destination counts).
+    pub fn routes_by_host(&self) -> bool {
+        !self.by_host.is_empty()
+    }
+
     /// An authority without a port means port 80: the mesh carries plaintext HTTP.
     fn by_authority(&self, authority: &str) -> Option<&Arc<Destination>> {
         const DEFAULT_PORT: u16 = 80;
