@@ -236,22 +236,19 @@ impl Drop for Session {
 }
 
 impl Session {
-    async fn h1(&self, target: SocketAddr) -> Result<H1, ProxyError> {
+    /// A ready HTTP/1 connection to `target`, without waiting: the one this client connection
+    /// holds, else an idle pooled one.
+    fn ready_h1(&self, target: SocketAddr) -> Option<H1> {
         let held = self.held.lock().ok().and_then(|mut h| h.take());
         if let Some((addr, tx)) = held {
             if addr == target && tx.is_ready() {
-                return Ok(tx);
+                return Some(tx);
             }
             if addr != target {
                 self.pool.put_idle_h1(addr, tx);
             }
         }
-        match self.pool.take_idle_h1(target) {
-            Some(tx) => Ok(tx),
-            // Boxed: the connect future is large, and keeping it inline would make every
-            // request's future (and every move of it) that large.
-            None => Box::pin(self.pool.connect_h1(target, false)).await,
-        }
+        self.pool.take_idle_h1(target)
     }
 
     fn hold(&self, target: SocketAddr, tx: H1) {
@@ -272,61 +269,71 @@ impl Service<ProxyRequest> for Upstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
+        let Some(target) = req.extensions().get::<RouteCtx>().map(|ctx| ctx.target) else {
+            let error = ProxyError::Connect(std::io::Error::other("no route target"));
+            return Box::pin(std::future::ready(Err(error)));
+        };
         let session = self.session.clone();
-        let version = self.version;
-        Box::pin(async move {
-            let target = match req.extensions().get::<RouteCtx>() {
-                Some(ctx) => ctx.target,
-                None => return Err(ProxyError::Connect(std::io::Error::other("no route target"))),
-            };
-            let rsp = if version == Version::Http1 && is_upgrade(&req) {
-                Box::pin(tunnel(&session.pool, target, req)).await?
-            } else {
-                send(&session, version, target, req).await?
-            };
-            Ok(rsp.map(ResponseBody::Upstream))
-        })
+        if self.version == Version::Http1 && is_upgrade(&req) {
+            // The 101 keeps its Upgrade and Connection headers: they are the answer.
+            return Box::pin(async move { Ok(tunnel(&session.pool, target, req).await?.map(ResponseBody::Upstream)) });
+        }
+        strip_hop_by_hop(req.headers_mut());
+        match self.version {
+            Version::Http1 => match session.ready_h1(target) {
+                // The steady state of a keep-alive client: the request is handed to a ready
+                // connection right here, and the future only waits for the answer.
+                Some(tx) => Box::pin(send_h1(session, target, tx, req)),
+                None => Box::pin(async move {
+                    let tx = session.pool.connect_h1(target, false).await?;
+                    send_h1(session, target, tx, req).await
+                }),
+            },
+            Version::Http2 => Box::pin(async move {
+                let mut tx = match session.pool.h2_ready(target) {
+                    Some(tx) => tx,
+                    // Boxed: the handshake future is large and rarely needed.
+                    None => Box::pin(session.pool.h2(target)).await?,
+                };
+                let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
+                Ok(upstream_response(rsp))
+            }),
+        }
     }
 }
 
-async fn send(
-    session: &Session,
-    version: Version,
+/// Sends `req` on `tx` now; the future waits for the response. A request that never left (the
+/// server had closed the pooled connection) goes again on a fresh connection.
+fn send_h1(
+    session: Arc<Session>,
     target: SocketAddr,
-    mut req: ProxyRequest,
-) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
-    strip_hop_by_hop(req.headers_mut());
-    let mut rsp = match version {
-        Version::Http2 => {
-            let mut tx = match session.pool.h2_ready(target) {
-                Some(tx) => tx,
-                None => Box::pin(session.pool.h2(target)).await?,
-            };
-            tx.send_request(req).await.map_err(ProxyError::from_send)?
-        }
-        Version::Http1 => {
-            let mut tx = session.h1(target).await?;
-            match tx.try_send_request(req).await {
-                Ok(rsp) => {
-                    session.hold(target, tx);
-                    rsp
+    mut tx: H1,
+    req: ProxyRequest,
+) -> impl Future<Output = Result<ProxyResponse, ProxyError>> {
+    let sent = tx.try_send_request(req);
+    async move {
+        let rsp = match sent.await {
+            Ok(rsp) => rsp,
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    // Boxed: the connect future is large, and inline it would make every
+                    // request's future (and every move of it) that large.
+                    tx = Box::pin(session.pool.connect_h1(target, false)).await?;
+                    tx.send_request(req).await.map_err(ProxyError::from_send)?
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never written: the pooled connection had been closed by the server.
-                    Some(req) => {
-                        let mut tx = Box::pin(session.pool.connect_h1(target, false)).await?;
-                        let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
-                        session.hold(target, tx);
-                        rsp
-                    }
-                    None => return Err(ProxyError::from_send(e.into_error())),
-                },
-            }
-        }
-    };
+                None => return Err(ProxyError::from_send(e.into_error())),
+            },
+        };
+        session.hold(target, tx);
+        Ok(upstream_response(rsp))
+    }
+}
+
+/// The upstream's response as the client gets it: without hop-by-hop headers.
+fn upstream_response(mut rsp: http::Response<hyper::body::Incoming>) -> ProxyResponse {
     strip_hop_by_hop(rsp.headers_mut());
-    Ok(rsp)
+    rsp.map(ResponseBody::Upstream)
 }
 
 /// Sends an upgrade or CONNECT request on its own connection and, if the upstream accepts,
