@@ -13,7 +13,7 @@ use pillion_proxy::detect::{Protocol, detect_protocol};
 
 // The allocator the `pillion-proxy` binary ships with, so allocations cost what they cost there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pillion_proxy::allocator::MiMalloc = pillion_proxy::allocator::MiMalloc;
 
 const HTTP1_REQUEST_HEAD: &[u8] = b"GET /api/v1/users/42 HTTP/1.1\r\nHost: web.default.svc.cluster.local\r\n\
 User-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n";

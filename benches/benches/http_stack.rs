@@ -36,7 +36,7 @@ use tokio::{io::DuplexStream, net::TcpStream, runtime::Runtime};
 
 // The allocator the `pillion-proxy` binary ships with, so allocations cost what they cost there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pillion_proxy::allocator::MiMalloc = pillion_proxy::allocator::MiMalloc;
 
 const ROUTES: &str = "
 destinations:

@@ -18,7 +18,7 @@ use pillion_proxy::metrics::Metrics;
 
 // The allocator the `pillion-proxy` binary ships with, so allocations cost what they cost there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pillion_proxy::allocator::MiMalloc = pillion_proxy::allocator::MiMalloc;
 
 fn metrics_record(c: &mut Bench) {
     let metrics = Metrics::new();

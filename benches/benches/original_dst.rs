@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 // The allocator the `pillion-proxy` binary ships with, so allocations cost what they cost there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pillion_proxy::allocator::MiMalloc = pillion_proxy::allocator::MiMalloc;
 
 fn original_dst(c: &mut Bench) {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -18,7 +18,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 // The allocator the `pillion-proxy` binary ships with, so allocations cost what they cost there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pillion_proxy::allocator::MiMalloc = pillion_proxy::allocator::MiMalloc;
 
 fn retry_budget(c: &mut Bench) {
     let mut group = c.benchmark_group("retry_budget");

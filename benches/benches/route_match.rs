@@ -21,7 +21,7 @@ use pillion_proxy::{
 
 // The allocator the `pillion-proxy` binary ships with, so allocations cost what they cost there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pillion_proxy::allocator::MiMalloc = pillion_proxy::allocator::MiMalloc;
 
 const SIZES: [usize; 3] = [10, 100, 1_000];
 

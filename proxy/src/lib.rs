@@ -7,6 +7,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod authz;
 pub mod config;

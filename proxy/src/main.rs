@@ -3,12 +3,13 @@
 use pillion_proxy::{app, config, logging};
 
 // mimalloc: measured faster than glibc malloc on the request path (see docs/performance.md),
-// and it returns memory to the OS more eagerly, which keeps an idle sidecar small. Built with
+// and it returns memory to the OS more eagerly, which keeps an idle sidecar small (the
+// `allocator` module says how it is called). Built with
 // `no_thp`: it would otherwise ask for transparent huge pages for its arenas, and a sidecar's
 // memory is small per-connection state that 2 MiB pages would round up (4 MiB of a 10 MiB
 // idle RSS was one such page pair).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pillion_proxy::allocator::MiMalloc = pillion_proxy::allocator::MiMalloc;
 
 use std::process::ExitCode;
 
