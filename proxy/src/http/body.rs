@@ -22,7 +22,9 @@ pub enum RequestBody {
     Empty,
     Incoming(Incoming),
     Tee(Incoming, Replay),
-    Replayed(VecDeque<Bytes>, Option<HeaderMap>),
+    /// Trailers boxed: this variant is rare, and every request is moved through each layer, so
+    /// the enum is kept as small as the common `Incoming` case.
+    Replayed(VecDeque<Bytes>, Option<Box<HeaderMap>>),
 }
 
 /// The copy kept for retries; shared by the first attempt's body and the retry layer.
@@ -106,7 +108,7 @@ impl Replay {
         }
         Some(RequestBody::Replayed(
             copied.frames.iter().cloned().collect(),
-            copied.trailers.clone(),
+            copied.trailers.clone().map(Box::new),
         ))
     }
 
@@ -158,7 +160,7 @@ impl Body for RequestBody {
             }
             RequestBody::Replayed(frames, trailers) => match frames.pop_front() {
                 Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t)))),
             },
         }
     }

@@ -303,8 +303,7 @@ impl Service<ProxyRequest> for Upstream {
     }
 }
 
-/// Sends `req` on `tx` now; the future waits for the response. A request that never left (the
-/// server had closed the pooled connection) goes again on a fresh connection.
+/// Sends `req` on `tx` now; the future waits for the response.
 fn send_h1(
     session: Arc<Session>,
     target: SocketAddr,
@@ -313,21 +312,31 @@ fn send_h1(
 ) -> impl Future<Output = Result<ProxyResponse, ProxyError>> {
     let sent = tx.try_send_request(req);
     async move {
-        let rsp = match sent.await {
-            Ok(rsp) => rsp,
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    // Boxed: the connect future is large, and inline it would make every
-                    // request's future (and every move of it) that large.
-                    tx = Box::pin(session.pool.connect_h1(target, false)).await?;
-                    tx.send_request(req).await.map_err(ProxyError::from_send)?
-                }
-                None => return Err(ProxyError::from_send(e.into_error())),
-            },
-        };
-        session.hold(target, tx);
-        Ok(upstream_response(rsp))
+        match sent.await {
+            Ok(rsp) => {
+                session.hold(target, tx);
+                Ok(upstream_response(rsp))
+            }
+            // Boxed: rare, and inline it would make every request's future that much larger.
+            Err(unsent) => Box::pin(resend_h1(session, target, unsent)).await,
+        }
     }
+}
+
+/// A request that never left (the server had closed the pooled connection) goes again on a
+/// fresh connection; one that did is not resent here (that is the retry layer's call).
+async fn resend_h1(
+    session: Arc<Session>,
+    target: SocketAddr,
+    mut unsent: hyper::client::conn::TrySendError<ProxyRequest>,
+) -> Result<ProxyResponse, ProxyError> {
+    let Some(req) = unsent.take_message() else {
+        return Err(ProxyError::from_send(unsent.into_error()));
+    };
+    let mut tx = session.pool.connect_h1(target, false).await?;
+    let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
+    session.hold(target, tx);
+    Ok(upstream_response(rsp))
 }
 
 /// The upstream's response as the client gets it: without hop-by-hop headers.
