@@ -18,6 +18,7 @@ pub mod authz;
 pub mod body;
 pub mod errors;
 pub mod framing;
+pub mod head_timer;
 pub mod metrics;
 pub mod retry;
 pub mod route;
@@ -94,7 +95,7 @@ impl HttpProxy {
                 let io = TokioIo::new(framing::FramingGuard::new(io, self.settings.max_header_bytes));
                 let conn = conn::http1::Builder::new()
                     .writev(false)
-                    .timer(TokioTimer::new())
+                    .timer(head_timer::HeadTimer::default())
                     .header_read_timeout(self.settings.idle_timeout)
                     .max_buf_size(self.settings.max_header_bytes)
                     .serve_connection(io, service)

@@ -82,6 +82,15 @@ struct Proxy {
 
 /// Starts the proxy's HTTP stack for one client connection to `dst` with `routes` (YAML).
 fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Proxy) {
+    proxy_with_idle_timeout(routes, version, dst, Duration::from_secs(10))
+}
+
+fn proxy_with_idle_timeout(
+    routes: &str,
+    version: Version,
+    dst: SocketAddr,
+    idle_timeout: Duration,
+) -> (DuplexStream, Proxy) {
     let metrics = Arc::new(Metrics::new());
     let policy = Policy::compile(RouteFile::parse(routes).unwrap(), &metrics.http).unwrap();
     let http = HttpProxy {
@@ -96,7 +105,7 @@ fn proxy(routes: &str, version: Version, dst: SocketAddr) -> (DuplexStream, Prox
             metrics.tcp(Direction::Outbound),
         )),
         settings: HttpSettings {
-            idle_timeout: Duration::from_secs(10),
+            idle_timeout,
             max_header_bytes: 16 * 1024,
             access_log: true,
         },
@@ -427,4 +436,53 @@ async fn a_large_body_streams_through_both_ways() {
     let rsp = client.send_request(req).await.unwrap();
     let got = rsp.into_body().collect().await.unwrap().to_bytes();
     assert!(got == payload, "echoed body differs ({} bytes back)", got.len());
+}
+
+#[tokio::test]
+async fn http1_clients_that_stall_mid_head_or_idle_are_closed_but_slow_answers_are_not() {
+    const IDLE: Duration = Duration::from_millis(200);
+    const NEVER: Duration = Duration::from_secs(10);
+    let (up, _) = upstream(Arc::new(|_, _| text(200, "ok"))).await;
+
+    // Half a head, then silence: closed, and nothing forwarded.
+    let (mut client, _proxy) = proxy_with_idle_timeout(API_ROUTE, Version::Http1, up, IDLE);
+    client.write_all(b"GET /api HTTP/1.1\r\nhost: web\r\n").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(NEVER, client.read_to_end(&mut got))
+        .await
+        .expect("a stalled head is timed out")
+        .unwrap();
+    assert!(!got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+
+    // An upstream slower than the idle timeout: the request in flight is not cut off, and the
+    // connection, idle afterwards, is closed after the timeout (once per head, timer reused).
+    let (mut client, _proxy) = proxy_with_idle_timeout(API_ROUTE, Version::Http1, up, IDLE);
+    for _ in 0..2 {
+        client
+            .write_all(b"GET /api HTTP/1.1\r\nhost: web\r\nx-delay-ms: 500\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(NEVER, client.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        let mut rest = Vec::new();
+        while !rest.ends_with(b"\r\n\r\nok") {
+            let mut chunk = [0u8; 256];
+            let n = tokio::time::timeout(NEVER, client.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&rest));
+            rest.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let mut got = Vec::new();
+    tokio::time::timeout(NEVER, client.read_to_end(&mut got))
+        .await
+        .expect("an idle keep-alive connection is closed")
+        .unwrap();
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
 }
