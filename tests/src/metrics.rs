@@ -7,6 +7,7 @@
 //! (counter families appear on first use), which [`Metrics::value`] reads as 0.
 
 use std::fmt;
+use std::time::Duration;
 
 /// `pillion_tcp_connections_opened_total{direction="<direction>"}`.
 pub fn opened(direction: &str) -> String {
@@ -51,6 +52,32 @@ pub struct Sample {
 pub struct Metrics {
     samples: Vec<Sample>,
     text: String,
+}
+
+/// Scrapes with `scrape` until the value of `selector` satisfies `accept`, for at most `timeout`
+/// (metrics may be recorded asynchronously, e.g. byte counts when a connection ends); panics
+/// with the last scrape otherwise.
+pub fn wait_for(
+    mut scrape: impl FnMut() -> Metrics,
+    selector: &str,
+    timeout: Duration,
+    accept: impl Fn(f64) -> bool,
+) -> f64 {
+    let mut last = None;
+    let found = crate::poll_until(timeout, Duration::from_millis(50), || {
+        let metrics = scrape();
+        let value = metrics.value(selector);
+        last = Some(metrics);
+        accept(value).then_some(value)
+    });
+    found.unwrap_or_else(|| {
+        let metrics = last.unwrap_or_default();
+        panic!(
+            "{selector} = {} did not reach the expected value within {timeout:?}; metrics:\n{}",
+            metrics.value(selector),
+            metrics.text()
+        )
+    })
 }
 
 /// A malformed line in the exposition.

@@ -214,21 +214,7 @@ impl Pod {
     /// Scrapes until the value of `selector` satisfies `accept` (metrics may be recorded
     /// asynchronously, e.g. byte counts when a connection ends); bounded by `timeout`.
     pub fn wait_metric(&self, selector: &str, timeout: Duration, accept: impl Fn(f64) -> bool) -> f64 {
-        let mut last = None;
-        let found = crate::poll_until(timeout, Duration::from_millis(50), || {
-            let metrics = self.metrics();
-            let value = metrics.value(selector);
-            last = Some(metrics);
-            accept(value).then_some(value)
-        });
-        found.unwrap_or_else(|| {
-            let metrics = last.unwrap_or_default();
-            panic!(
-                "{selector} = {} did not reach the expected value within {timeout:?}; metrics:\n{}",
-                metrics.value(selector),
-                metrics.text()
-            )
-        })
+        crate::metrics::wait_for(|| self.metrics(), selector, timeout, accept)
     }
 
     /// Waits (up to [`METRIC_TIMEOUT`]) until `selector` is at least `min`; returns its value.

@@ -279,17 +279,21 @@ impl Service<ProxyRequest> for Upstream {
             // The 101 keeps its Upgrade and Connection headers: they are the answer.
             return Box::pin(async move { Ok(tunnel(&session.pool, target, req).await?.map(ResponseBody::Upstream)) });
         }
-        strip_hop_by_hop(req.headers_mut());
         match self.version {
-            Version::Http1 => match session.ready_h1(target) {
-                // The steady state of a keep-alive client: the request is handed to a ready
-                // connection right here, and the future only waits for the answer.
-                Some(tx) => Box::pin(send_h1(session, target, tx, req)),
-                None => Box::pin(async move {
-                    let tx = session.pool.connect_h1(target, false).await?;
-                    send_h1(session, target, tx, req).await
-                }),
-            },
+            Version::Http1 => {
+                strip_hop_by_hop(req.headers_mut());
+                match session.ready_h1(target) {
+                    // The steady state of a keep-alive client: the request is handed to a ready
+                    // connection right here, and the future only waits for the answer.
+                    Some(tx) => Box::pin(send_h1(session, target, tx, req)),
+                    None => Box::pin(async move {
+                        let tx = session.pool.connect_h1(target, false).await?;
+                        send_h1(session, target, tx, req).await
+                    }),
+                }
+            }
+            // No stripping here: hyper's HTTP/2 client and server remove connection-specific
+            // headers from every request and response they send.
             Version::Http2 => Box::pin(async move {
                 let mut tx = match session.pool.h2_ready(target) {
                     Some(tx) => tx,
@@ -297,7 +301,7 @@ impl Service<ProxyRequest> for Upstream {
                     None => Box::pin(session.pool.h2(target)).await?,
                 };
                 let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
-                Ok(upstream_response(rsp))
+                Ok(rsp.map(ResponseBody::Upstream))
             }),
         }
     }
@@ -339,7 +343,7 @@ async fn resend_h1(
     Ok(upstream_response(rsp))
 }
 
-/// The upstream's response as the client gets it: without hop-by-hop headers.
+/// An HTTP/1 upstream's response as the client gets it: without hop-by-hop headers.
 fn upstream_response(mut rsp: http::Response<hyper::body::Incoming>) -> ProxyResponse {
     strip_hop_by_hop(rsp.headers_mut());
     rsp.map(ResponseBody::Upstream)
