@@ -15,7 +15,7 @@ use crate::{
     authz::Authorizer,
     config::{Config, IdentitySource, TrustAnchors},
     detect::DetectSettings,
-    discovery::Discovery,
+    discovery::{Discovery, DiscoverySettings},
     drain::Drain,
     http::{HttpProxy, HttpSettings, upstream::Pool},
     identity::{self, IdentityStore},
@@ -238,7 +238,10 @@ fn mesh(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Mesh>>, AppErro
         }
         IdentitySource::None => {}
     }
-    let discovery = channel.map(|channel| Arc::new(Discovery::new(channel, std::time::Duration::from_secs(1))));
+    let discovery = channel.map(|channel| {
+        let settings = DiscoverySettings::from_config(config);
+        Discovery::new(channel, settings, metrics.discovery_destinations.clone())
+    });
     let tls = MeshTls::new(store.clone()).map_err(|e| fail(e.to_string()))?;
     Ok(Some(Arc::new(Mesh { tls, store, discovery })))
 }

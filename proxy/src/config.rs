@@ -42,6 +42,14 @@ pub struct Config {
     pub http_idle_timeout: Duration,
     pub http_max_header_bytes: usize,
     pub access_log: bool,
+    /// Concurrent connections per listener direction; more are closed at accept.
+    pub max_connections: usize,
+    /// Opaque TCP: a connection with no bytes either way for this long is closed.
+    #[serde(serialize_with = "human_duration")]
+    pub tcp_idle_timeout: Duration,
+    pub discovery_max_destinations: usize,
+    #[serde(serialize_with = "human_duration")]
+    pub discovery_idle_timeout: Duration,
     /// Control-plane gRPC address (`http://host:port`); `None` = standalone.
     pub control_addr: Option<String>,
     pub identity: IdentitySource,
@@ -135,8 +143,9 @@ struct Args {
     #[arg(long, env = "PILLION_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     shutdown_grace_period: Duration,
 
-    /// Longest time to wait for an upstream TCP connection to be established.
-    #[arg(long, env = "PILLION_CONNECT_TIMEOUT", default_value = "1s", value_name = "DURATION", value_parser = parse_nonzero_duration)]
+    /// Longest time to wait for an upstream TCP connection to be established. The default lets a
+    /// dropped SYN be retransmitted (the kernel's first retransmission comes after 1 s).
+    #[arg(long, env = "PILLION_CONNECT_TIMEOUT", default_value = "3s", value_name = "DURATION", value_parser = parse_nonzero_duration)]
     connect_timeout: Duration,
 
     /// Idle time before TCP keepalive probes start, on both sides of every connection.
@@ -199,6 +208,22 @@ struct Args {
     /// Log one line per HTTP request (target `pillion::access`; JSON lines with --log-format json).
     #[arg(long, env = "PILLION_ACCESS_LOG", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     access_log: bool,
+
+    /// Concurrent connections each listener direction serves; more are closed at accept.
+    #[arg(long, env = "PILLION_MAX_CONNECTIONS", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+
+    /// Opaque TCP: close a connection with no bytes in either direction for this long.
+    #[arg(long, env = "PILLION_TCP_IDLE_TIMEOUT", default_value = "1h", value_name = "DURATION", value_parser = parse_nonzero_duration)]
+    tcp_idle_timeout: Duration,
+
+    /// Most destinations followed on the control plane at once (one stream each).
+    #[arg(long, env = "PILLION_DISCOVERY_MAX_DESTINATIONS", default_value = "1000", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    discovery_max_destinations: u32,
+
+    /// A destination not used for this long stops being followed on the control plane.
+    #[arg(long, env = "PILLION_DISCOVERY_IDLE_TIMEOUT", default_value = "5m", value_name = "DURATION", value_parser = parse_nonzero_duration)]
+    discovery_idle_timeout: Duration,
 
     /// Runtime worker threads; 1 runs everything on one thread, the usual size for a sidecar.
     #[arg(long, env = "PILLION_WORKER_THREADS", default_value = "1", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=512))]
@@ -305,6 +330,10 @@ impl TryFrom<Args> for Config {
             http_idle_timeout: args.http_idle_timeout,
             http_max_header_bytes: args.http_max_header_bytes as usize,
             access_log: args.access_log,
+            max_connections: args.max_connections as usize,
+            tcp_idle_timeout: args.tcp_idle_timeout,
+            discovery_max_destinations: args.discovery_max_destinations as usize,
+            discovery_idle_timeout: args.discovery_idle_timeout,
         })
     }
 }
@@ -436,6 +465,15 @@ mod tests {
         assert_eq!(c.admin_addr, "0.0.0.0:4191".parse().unwrap());
         assert_eq!(c.shutdown_grace_period, Duration::from_secs(30));
         assert_eq!(c.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn connect_timeout_allows_a_syn_retransmission() {
+        // The kernel retransmits a lost SYN after 1 s (initial RTO): the default must outlast it.
+        let c = parse(&[]).unwrap();
+        assert!(c.connect_timeout >= Duration::from_secs(3), "{:?}", c.connect_timeout);
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.tcp_idle_timeout, Duration::from_secs(3600));
     }
 
     #[test]

@@ -16,6 +16,15 @@ use crate::{
     tls::{MeshTls, spiffe::SpiffeId},
 };
 
+/// The security decision for a connection to one target: plaintext, or mesh TLS naming the
+/// identity its certificate must carry. A pooled connection is reused only under the decision it
+/// was made with, so a change of discovery's answer takes effect on the next request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Security {
+    Plain,
+    Mesh(SpiffeId),
+}
+
 pub struct Mesh {
     pub tls: MeshTls,
     pub store: Arc<IdentityStore>,
@@ -26,6 +35,27 @@ impl Mesh {
     /// The identity expected at `target`, if the control plane says it is meshed.
     pub async fn identity_for(&self, target: SocketAddr) -> Option<SpiffeId> {
         self.discovery.as_ref()?.lookup(target).await?.identity.clone()
+    }
+
+    /// The decision in force for `target`, waiting (once per destination) for discovery's answer.
+    pub async fn security_for(&self, target: SocketAddr) -> Security {
+        match self.identity_for(target).await {
+            Some(id) => Security::Mesh(id),
+            None => Security::Plain,
+        }
+    }
+
+    /// The decision in force for `target` without waiting, when discovery has settled it;
+    /// `None` when only [`security_for`](Self::security_for) can tell.
+    pub fn settled_security(&self, target: SocketAddr) -> Option<Security> {
+        let Some(discovery) = &self.discovery else {
+            return Some(Security::Plain);
+        };
+        let answer = discovery.settled(target)?;
+        Some(match answer.and_then(|t| t.identity.clone()) {
+            Some(id) => Security::Mesh(id),
+            None => Security::Plain,
+        })
     }
 
     /// Opens mTLS over `stream`, naming (and so verifying) the expected server identity.

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub http: Arc<HttpMetrics>,
     /// The workload certificate's notAfter, unix seconds (0 until one is held).
     pub identity_expiry: Gauge,
+    /// Destinations discovery follows now (one control-plane stream each).
+    pub discovery_destinations: Gauge,
 }
 
 struct TcpFamilies {
@@ -84,6 +86,10 @@ pub struct TcpMetrics {
     pub connect_errors: Counter,
     pub refused_loop: Counter,
     pub refused_no_original_dst: Counter,
+    /// Inbound only: an original destination that is not one of the pod's addresses.
+    pub refused_not_pod_address: Counter,
+    /// Closed at accept: the listener was at its connection limit.
+    pub refused_limit: Counter,
     /// Indexed by [`Protocol`] order: http1, http2, tls, opaque.
     detected: [Counter; 4],
     pub authz_denied: Counter,
@@ -154,7 +160,7 @@ impl Metrics {
         );
         registry.register(
             "tcp_connections_refused",
-            "Accepted connections closed without forwarding (reason: loop, no_original_dst)",
+            "Accepted connections closed without forwarding (reason: loop, no_original_dst, not_pod_address, limit)",
             tcp.refused.clone(),
         );
         registry.register(
@@ -180,11 +186,18 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             identity_expiry.clone(),
         );
+        let discovery_destinations = Gauge::default();
+        registry.register(
+            "discovery_destinations",
+            "Destinations followed on the control plane (one stream each)",
+            discovery_destinations.clone(),
+        );
         Metrics {
             registry,
             tcp,
             http,
             identity_expiry,
+            discovery_destinations,
         }
     }
 
@@ -210,6 +223,8 @@ impl Metrics {
             connect_errors: self.tcp.connect_errors.get_or_create(&labels).clone(),
             refused_loop: refused("loop"),
             refused_no_original_dst: refused("no_original_dst"),
+            refused_not_pod_address: refused("not_pod_address"),
+            refused_limit: refused("limit"),
             detected: [Protocol::Http1, Protocol::Http2, Protocol::Tls, Protocol::Opaque].map(|protocol| {
                 self.tcp
                     .detected

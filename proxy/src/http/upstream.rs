@@ -7,7 +7,9 @@
 //! - A request that never left a pooled connection (the server closed it while idle) is sent
 //!   again on a fresh connection; nothing else is resent here (that is the retry layer's job).
 //! - Outbound, a target that discovery says is meshed is reached over mesh TLS (mTLS, its
-//!   identity verified); the connection is otherwise the same.
+//!   identity verified); the connection is otherwise the same. Connections are pooled by target
+//!   *and* security decision ([`Security`]), and every request takes the decision in force: when
+//!   discovery's answer changes, no request reuses a connection made under the old one.
 //! - `Upgrade` (WebSocket) and `CONNECT` get a dedicated connection; after the upstream agrees,
 //!   both sides become a raw byte tunnel.
 
@@ -32,7 +34,7 @@ use tracing::debug;
 
 use super::{ProxyRequest, ProxyResponse, body::ResponseBody, errors::ProxyError, route::RouteCtx};
 use crate::{
-    mesh::Mesh,
+    mesh::{Mesh, Security},
     metrics::TcpMetrics,
     transport::{self, ConnectSettings},
 };
@@ -43,6 +45,9 @@ type H2 = http2::SendRequest<super::body::RequestBody>;
 /// Idle HTTP/1 connections kept per target.
 const MAX_IDLE_PER_TARGET: usize = 32;
 
+/// What a pooled connection is for: a target, under one security decision.
+type Key = (SocketAddr, Security);
+
 /// Connections shared by all client connections of one direction.
 pub struct Pool {
     connect: ConnectSettings,
@@ -50,8 +55,8 @@ pub struct Pool {
     mesh: Option<Arc<Mesh>>,
     /// Counts new upstream connections by mesh identity (when `mesh` is set).
     metrics: TcpMetrics,
-    h1_idle: Mutex<HashMap<SocketAddr, Vec<H1>>>,
-    h2: Mutex<HashMap<SocketAddr, H2>>,
+    h1_idle: Mutex<HashMap<Key, Vec<H1>>>,
+    h2: Mutex<HashMap<Key, H2>>,
 }
 
 /// Which protocol the upstream speaks: the one the client spoke.
@@ -81,7 +86,7 @@ pub struct Upstream {
 
 struct Session {
     pool: Arc<Pool>,
-    held: Mutex<Option<(SocketAddr, H1)>>,
+    held: Mutex<Option<(Key, H1)>>,
 }
 
 impl Pool {
@@ -95,57 +100,84 @@ impl Pool {
         }
     }
 
-    /// Connects to `target`, in mesh TLS when discovery says it is meshed.
-    async fn connect(&self, target: SocketAddr) -> Result<Connection, ProxyError> {
-        let stream = transport::connect(target, self.connect)
-            .await
-            .map_err(ProxyError::Connect)?;
-        let Some(mesh) = &self.mesh else {
-            return Ok(Connection::Plain(stream));
-        };
-        let id = mesh.identity_for(target).await;
-        self.metrics.mesh_connection(id.as_ref().map(|id| id.as_str()));
-        match id {
-            Some(id) => {
-                let tls = mesh.connect(stream, &id).await.map_err(ProxyError::Connect)?;
-                Ok(Connection::Mesh(Box::new(tls)))
-            }
-            None => Ok(Connection::Plain(stream)),
+    /// The security decision in force for `target`, when it is known without waiting.
+    fn settled_key(&self, target: SocketAddr) -> Option<Key> {
+        match &self.mesh {
+            None => Some((target, Security::Plain)),
+            Some(mesh) => Some((target, mesh.settled_security(target)?)),
         }
     }
 
-    async fn connect_h1(&self, target: SocketAddr, upgrades: bool) -> Result<H1, ProxyError> {
-        match self.connect(target).await? {
+    /// The security decision in force for `target`; the first request to a destination may wait
+    /// briefly for discovery's first answer.
+    async fn key(&self, target: SocketAddr) -> Key {
+        if let Some(key) = self.settled_key(target) {
+            return key;
+        }
+        match &self.mesh {
+            None => (target, Security::Plain),
+            Some(mesh) => (target, mesh.security_for(target).await),
+        }
+    }
+
+    /// Connects to `key`'s target under its decision: plain TCP, or mesh TLS verifying the identity.
+    async fn connect(&self, key: &Key) -> Result<Connection, ProxyError> {
+        let (target, security) = key;
+        let stream = transport::connect(*target, self.connect)
+            .await
+            .map_err(ProxyError::Connect)?;
+        if self.mesh.is_some() {
+            let id = match security {
+                Security::Mesh(id) => Some(id.as_str()),
+                Security::Plain => None,
+            };
+            self.metrics.mesh_connection(id);
+        }
+        match (&self.mesh, security) {
+            (Some(mesh), Security::Mesh(id)) => {
+                let tls = mesh.connect(stream, id).await.map_err(ProxyError::Connect)?;
+                Ok(Connection::Mesh(Box::new(tls)))
+            }
+            _ => Ok(Connection::Plain(stream)),
+        }
+    }
+
+    async fn connect_h1(&self, key: &Key, upgrades: bool) -> Result<H1, ProxyError> {
+        let target = key.0;
+        match self.connect(key).await? {
             Connection::Plain(io) => handshake_h1(io, target, upgrades).await,
             Connection::Mesh(io) => handshake_h1(*io, target, upgrades).await,
         }
     }
 
-    /// The shared HTTP/2 connection to `target`, if there is one still open.
-    fn h2_ready(&self, target: SocketAddr) -> Option<H2> {
+    /// The shared HTTP/2 connection for `key`, if there is one still open.
+    fn h2_ready(&self, key: &Key) -> Option<H2> {
         self.h2
             .lock()
             .ok()
-            .and_then(|m| m.get(&target).filter(|tx| !tx.is_closed()).cloned())
+            .and_then(|m| m.get(key).filter(|tx| !tx.is_closed()).cloned())
     }
 
-    async fn h2(&self, target: SocketAddr) -> Result<H2, ProxyError> {
-        if let Some(tx) = self.h2_ready(target) {
+    async fn h2(&self, key: Key) -> Result<H2, ProxyError> {
+        if let Some(tx) = self.h2_ready(&key) {
             return Ok(tx);
         }
-        let tx = match self.connect(target).await? {
+        let target = key.0;
+        let tx = match self.connect(&key).await? {
             Connection::Plain(io) => handshake_h2(io, target).await?,
             Connection::Mesh(io) => handshake_h2(*io, target).await?,
         };
         if let Ok(mut map) = self.h2.lock() {
-            map.insert(target, tx.clone());
+            // A connection made under an older decision for this target is not used again.
+            map.retain(|(addr, _), _| *addr != target);
+            map.insert(key, tx.clone());
         }
         Ok(tx)
     }
 
-    fn take_idle_h1(&self, target: SocketAddr) -> Option<H1> {
+    fn take_idle_h1(&self, key: &Key) -> Option<H1> {
         let mut idle = self.h1_idle.lock().ok()?;
-        let list = idle.get_mut(&target)?;
+        let list = idle.get_mut(key)?;
         while let Some(tx) = list.pop() {
             if tx.is_ready() {
                 return Some(tx);
@@ -154,12 +186,12 @@ impl Pool {
         None
     }
 
-    fn put_idle_h1(&self, target: SocketAddr, tx: H1) {
+    fn put_idle_h1(&self, key: Key, tx: H1) {
         if tx.is_closed() {
             return;
         }
         if let Ok(mut idle) = self.h1_idle.lock() {
-            let list = idle.entry(target).or_default();
+            let list = idle.entry(key).or_default();
             if list.len() < MAX_IDLE_PER_TARGET {
                 list.push(tx);
             }
@@ -229,32 +261,38 @@ impl Upstream {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some((target, tx)) = self.held.get_mut().ok().and_then(|h| h.take()) {
-            self.pool.put_idle_h1(target, tx);
+        if let Some((key, tx)) = self.held.get_mut().ok().and_then(|h| h.take()) {
+            self.pool.put_idle_h1(key, tx);
         }
     }
 }
 
 impl Session {
-    /// A ready HTTP/1 connection to `target`, without waiting: the one this client connection
-    /// holds, else an idle pooled one.
-    fn ready_h1(&self, target: SocketAddr) -> Option<H1> {
+    /// A ready HTTP/1 connection to `target` under the security decision in force, without
+    /// waiting: the one this client connection holds, else an idle pooled one. `None` when the
+    /// decision is not settled yet or no connection is ready.
+    fn ready_h1(&self, target: SocketAddr) -> Option<(Key, H1)> {
+        let key = self.pool.settled_key(target);
         let held = self.held.lock().ok().and_then(|mut h| h.take());
-        if let Some((addr, tx)) = held {
-            if addr == target && tx.is_ready() {
-                return Some(tx);
-            }
-            if addr != target {
-                self.pool.put_idle_h1(addr, tx);
+        if let Some((held_key, tx)) = held {
+            if Some(&held_key) == key.as_ref() {
+                if tx.is_ready() {
+                    return Some((held_key, tx));
+                }
+            } else {
+                // Another target, or made under another decision: back to the pool under its own key.
+                self.pool.put_idle_h1(held_key, tx);
             }
         }
-        self.pool.take_idle_h1(target)
+        let key = key?;
+        let tx = self.pool.take_idle_h1(&key)?;
+        Some((key, tx))
     }
 
-    fn hold(&self, target: SocketAddr, tx: H1) {
+    fn hold(&self, key: Key, tx: H1) {
         if let Ok(mut held) = self.held.lock() {
-            if let Some((addr, previous)) = held.replace((target, tx)) {
-                self.pool.put_idle_h1(addr, previous);
+            if let Some((previous_key, previous)) = held.replace((key, tx)) {
+                self.pool.put_idle_h1(previous_key, previous);
             }
         }
     }
@@ -285,20 +323,25 @@ impl Service<ProxyRequest> for Upstream {
                 match session.ready_h1(target) {
                     // The steady state of a keep-alive client: the request is handed to a ready
                     // connection right here, and the future only waits for the answer.
-                    Some(tx) => Box::pin(send_h1(session, target, tx, req)),
+                    Some((key, tx)) => Box::pin(send_h1(session, key, tx, req)),
                     None => Box::pin(async move {
-                        let tx = session.pool.connect_h1(target, false).await?;
-                        send_h1(session, target, tx, req).await
+                        let key = session.pool.key(target).await;
+                        let tx = match session.pool.take_idle_h1(&key) {
+                            Some(tx) => tx,
+                            None => session.pool.connect_h1(&key, false).await?,
+                        };
+                        send_h1(session, key, tx, req).await
                     }),
                 }
             }
             // No stripping here: hyper's HTTP/2 client and server remove connection-specific
             // headers from every request and response they send.
             Version::Http2 => Box::pin(async move {
-                let mut tx = match session.pool.h2_ready(target) {
+                let key = session.pool.key(target).await;
+                let mut tx = match session.pool.h2_ready(&key) {
                     Some(tx) => tx,
                     // Boxed: the handshake future is large and rarely needed.
-                    None => Box::pin(session.pool.h2(target)).await?,
+                    None => Box::pin(session.pool.h2(key)).await?,
                 };
                 let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
                 Ok(rsp.map(ResponseBody::Upstream))
@@ -310,7 +353,7 @@ impl Service<ProxyRequest> for Upstream {
 /// Sends `req` on `tx` now; the future waits for the response.
 fn send_h1(
     session: Arc<Session>,
-    target: SocketAddr,
+    key: Key,
     mut tx: H1,
     req: ProxyRequest,
 ) -> impl Future<Output = Result<ProxyResponse, ProxyError>> {
@@ -318,11 +361,11 @@ fn send_h1(
     async move {
         match sent.await {
             Ok(rsp) => {
-                session.hold(target, tx);
+                session.hold(key, tx);
                 Ok(upstream_response(rsp))
             }
             // Boxed: rare, and inline it would make every request's future that much larger.
-            Err(unsent) => Box::pin(resend_h1(session, target, unsent)).await,
+            Err(unsent) => Box::pin(resend_h1(session, key, unsent)).await,
         }
     }
 }
@@ -331,15 +374,15 @@ fn send_h1(
 /// fresh connection; one that did is not resent here (that is the retry layer's call).
 async fn resend_h1(
     session: Arc<Session>,
-    target: SocketAddr,
+    key: Key,
     mut unsent: hyper::client::conn::TrySendError<ProxyRequest>,
 ) -> Result<ProxyResponse, ProxyError> {
     let Some(req) = unsent.take_message() else {
         return Err(ProxyError::from_send(unsent.into_error()));
     };
-    let mut tx = session.pool.connect_h1(target, false).await?;
+    let mut tx = session.pool.connect_h1(&key, false).await?;
     let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
-    session.hold(target, tx);
+    session.hold(key, tx);
     Ok(upstream_response(rsp))
 }
 
@@ -358,7 +401,8 @@ async fn tunnel(
 ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
     let client_side = hyper::upgrade::on(&mut req);
     let is_connect = req.method() == Method::CONNECT;
-    let mut tx = pool.connect_h1(target, true).await?;
+    let key = pool.key(target).await;
+    let mut tx = pool.connect_h1(&key, true).await?;
     let mut rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
     let accepted = rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
     if accepted {
@@ -507,5 +551,160 @@ mod tests {
         let before = headers.clone();
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers, before);
+    }
+
+    /// Pool keying by security decision: a connection made while discovery had not answered
+    /// (plaintext) is never reused once discovery says the target is meshed.
+    mod security {
+        use std::{
+            convert::Infallible,
+            sync::atomic::{AtomicUsize, Ordering},
+            time::Duration,
+        };
+
+        use arc_swap::ArcSwap;
+        use bytes::Bytes;
+        use http_body_util::Full;
+        use hyper::service::service_fn;
+        use prometheus_client::metrics::gauge::Gauge;
+        use tokio::{io::DuplexStream, net::TcpListener};
+
+        use super::super::super::{HttpProxy, HttpSettings};
+        use super::*;
+        use crate::{
+            discovery::{Discovery, DiscoverySettings, Target},
+            drain::Drain,
+            identity::IdentityStore,
+            metrics::{Direction, Metrics},
+            policy::Policy,
+            tls::{MeshTls, spiffe::SpiffeId, trust_anchors},
+        };
+
+        #[derive(Default)]
+        struct Seen {
+            plain_requests: AtomicUsize,
+            tls_hellos: AtomicUsize,
+        }
+
+        /// A plaintext HTTP/1 upstream that counts requests, and connections opening with TLS.
+        async fn upstream() -> (SocketAddr, Arc<Seen>) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let seen = Arc::new(Seen::default());
+            let s = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        let mut first = [0u8; 1];
+                        if stream.peek(&mut first).await.unwrap_or(0) == 1 && first[0] == 0x16 {
+                            s.tls_hellos.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        let svc = service_fn(move |_req| {
+                            s.plain_requests.fetch_add(1, Ordering::SeqCst);
+                            async { Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok")))) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+            (addr, seen)
+        }
+
+        fn mesh(discovery: Arc<Discovery>) -> Arc<Mesh> {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let pem = params.self_signed(&key).unwrap().pem();
+            let (roots, der) = trust_anchors(pem.as_bytes(), "test").unwrap();
+            let store = Arc::new(IdentityStore::new(roots, &der, "files", Gauge::default()));
+            let tls = MeshTls::new(store.clone()).unwrap();
+            Arc::new(Mesh {
+                tls,
+                store,
+                discovery: Some(discovery),
+            })
+        }
+
+        /// One client connection through the outbound HTTP stack to `dst`.
+        async fn client(http: Arc<HttpProxy>, dst: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
+            let (client, server): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
+            let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
+            tokio::spawn(async move { http.serve(server, Version::Http1, dst, peer, None).await });
+            let (tx, conn) = http1::handshake(TokioIo::new(client)).await.unwrap();
+            tokio::spawn(conn);
+            tx
+        }
+
+        async fn get(tx: &mut http1::SendRequest<Full<Bytes>>) -> StatusCode {
+            let req = http::Request::get("/")
+                .header("host", "web")
+                .body(Full::default())
+                .unwrap();
+            tx.send_request(req).await.unwrap().status()
+        }
+
+        #[tokio::test]
+        async fn a_plaintext_connection_is_not_reused_once_the_target_is_meshed() {
+            let (dst, seen) = upstream().await;
+            let discovery = Discovery::for_test(DiscoverySettings {
+                first_answer_wait: Duration::from_millis(50),
+                max_destinations: 16,
+                idle_timeout: Duration::from_secs(60),
+            });
+            let metrics = Metrics::new();
+            let connect = ConnectSettings {
+                timeout: Duration::from_secs(3),
+                keepalive: Duration::from_secs(10),
+            };
+            let http = Arc::new(HttpProxy {
+                direction: Direction::Outbound,
+                policy: Arc::new(ArcSwap::from_pointee(Policy::empty(&metrics.http))),
+                pool: Arc::new(Pool::new(
+                    connect,
+                    Some(mesh(discovery.clone())),
+                    metrics.tcp(Direction::Outbound),
+                )),
+                settings: HttpSettings {
+                    idle_timeout: Duration::from_secs(10),
+                    max_header_bytes: 16 * 1024,
+                    access_log: false,
+                },
+                drain: Drain::new(),
+            });
+
+            // Discovery has not answered within its first wait: plaintext, and the connection is held.
+            let mut a = client(http.clone(), dst).await;
+            assert_eq!(get(&mut a).await, StatusCode::OK);
+            assert_eq!(seen.plain_requests.load(Ordering::SeqCst), 1);
+
+            // Now the target is meshed. The same client connection, and a new one, must try mesh
+            // TLS (which this plaintext upstream cannot answer) instead of the plaintext connection.
+            let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+            assert!(discovery.answer(
+                dst,
+                Target {
+                    identity: Some(id),
+                    authorization: None
+                }
+            ));
+            assert_ne!(get(&mut a).await, StatusCode::OK);
+            let mut b = client(http.clone(), dst).await;
+            assert_ne!(get(&mut b).await, StatusCode::OK);
+            assert_eq!(
+                seen.plain_requests.load(Ordering::SeqCst),
+                1,
+                "no request went in plaintext"
+            );
+            assert_eq!(seen.tls_hellos.load(Ordering::SeqCst), 2);
+
+            // Meshed no more: plaintext again, on a connection made under that decision.
+            assert!(discovery.answer(dst, Target::default()));
+            assert_eq!(get(&mut b).await, StatusCode::OK);
+            assert_eq!(seen.plain_requests.load(Ordering::SeqCst), 2);
+        }
     }
 }
