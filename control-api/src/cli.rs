@@ -26,6 +26,16 @@ pub struct Cli {
     #[arg(long, global = true, env = "PILLION_LOG", default_value = "info", value_name = "FILTER", value_parser = parse_filter)]
     pub log: String,
 
+    /// Log lines as `plain` text or `json` objects (one per line), like the proxy's.
+    #[arg(
+        long,
+        global = true,
+        env = "PILLION_LOG_FORMAT",
+        default_value = "plain",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -56,6 +66,12 @@ pub enum Command {
     ///
     /// Example: `pillion-control inject < app.yaml | kubectl apply -f -`
     Inject(InjectArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +114,10 @@ pub struct InjectArgs {
     /// `pillion.io/proxy-log-level` annotation. This command's own log filter is `--log`.
     #[arg(long, visible_alias = "log-level", env = "PILLION_INJECT_PROXY_LOG_LEVEL", default_value = inject::DEFAULT_PROXY_LOG_LEVEL, value_name = "FILTER", value_parser = parse_filter)]
     pub proxy_log_level: String,
+
+    /// The control plane's namespace: its workloads are never injected (nor kube-system's).
+    #[arg(long, env = "PILLION_INJECT_CONTROL_PLANE_NAMESPACE", default_value = inject::DEFAULT_CONTROL_PLANE_NAMESPACE, value_name = "NAMESPACE")]
+    pub control_plane_namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +187,22 @@ pub struct ServeArgs {
     #[arg(long, env = "PILLION_CONTROL_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
 
+    /// Serve the mutating admission webhook (HTTPS, path /inject) on this address; unset = no webhook.
+    #[arg(long, env = "PILLION_CONTROL_WEBHOOK_ADDR", value_name = "ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook_addr: Option<SocketAddr>,
+
+    /// The webhook's serving certificate chain, PEM (re-read when it changes).
+    #[arg(long, env = "PILLION_CONTROL_WEBHOOK_CERT", value_name = "FILE")]
+    pub webhook_cert: Option<PathBuf>,
+
+    /// The webhook's private key, PEM (re-read when it changes).
+    #[arg(long, env = "PILLION_CONTROL_WEBHOOK_KEY", value_name = "FILE")]
+    pub webhook_key: Option<PathBuf>,
+
+    /// What the webhook injects (the same settings as `pillion-control inject`).
+    #[command(flatten)]
+    pub inject: InjectArgs,
+
     /// Longest time to let in-flight calls finish after SIGTERM.
     #[arg(long, env = "PILLION_CONTROL_SHUTDOWN_GRACE_PERIOD", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
@@ -218,6 +254,7 @@ impl InjectArgs {
             init_image: self.init_image.clone(),
             control_addr: self.control_addr.clone(),
             proxy_log_level: self.proxy_log_level.clone(),
+            control_plane_namespace: self.control_plane_namespace.clone(),
             ..InjectOptions::default()
         }
     }
@@ -229,10 +266,27 @@ pub fn exit_usage(message: &str) -> ! {
 }
 
 /// Clap's first error line, plus the environment variable, since either may have set the value.
+/// Missing arguments are listed on the following lines: they are joined onto the first, so the
+/// one line still names every missing flag.
 fn one_line(err: &clap::Error) -> String {
     let rendered = err.render().to_string();
     let first = rendered.lines().next().unwrap_or("invalid arguments");
     let first = first.strip_prefix("error: ").unwrap_or(first);
+    if err.kind() == ErrorKind::MissingRequiredArgument {
+        let missing: Vec<String> = rendered
+            .lines()
+            .skip(1)
+            .take_while(|line| line.starts_with("  "))
+            .map(|line| {
+                let flag = line.trim();
+                match env_of(flag) {
+                    Some(env) => format!("{flag} (env {env})"),
+                    None => flag.to_string(),
+                }
+            })
+            .collect();
+        return format!("{} {}", first.trim_end_matches(':'), missing.join(", ")).replace("  ", " ");
+    }
     let env = match err.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(arg)) => env_of(arg),
         _ => None,
@@ -357,6 +411,52 @@ mod tests {
             line.contains("--control-addr") && line.contains("PILLION_INJECT_CONTROL_ADDR"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn missing_flags_are_all_named() {
+        let err = Cli::try_parse_from(["pillion-control", "serve"]).unwrap_err();
+        let line = one_line(&err);
+        for flag in [
+            "--issuer-cert",
+            "--issuer-key",
+            "--trust-anchors",
+            "PILLION_CONTROL_ISSUER_KEY",
+        ] {
+            assert!(line.contains(flag), "{flag} missing from: {line}");
+        }
+        assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn webhook_needs_its_certificate() {
+        let base = [
+            "pillion-control",
+            "serve",
+            "--issuer-cert=a",
+            "--issuer-key=b",
+            "--trust-anchors=c",
+            "--tokens=t",
+        ];
+        let err = Cli::try_parse_from([&base[..], &["--webhook-addr=127.0.0.1:8443"]].concat()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+        let cli = Cli::try_parse_from(
+            [
+                &base[..],
+                &[
+                    "--webhook-addr=127.0.0.1:8443",
+                    "--webhook-cert=c",
+                    "--webhook-key=k",
+                    "--proxy-image=r/p:1",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.inject.options().proxy_image, "r/p:1");
     }
 
     #[test]

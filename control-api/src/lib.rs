@@ -13,14 +13,17 @@
 //! ```
 //!
 //! [`inject`] is `pillion-control inject`: it adds the init container and the proxy to
-//! Kubernetes workloads in YAML.
+//! Kubernetes workloads in YAML; [`webhook`] does the same for each new Pod as a mutating admission
+//! webhook. [`kube_api`] is the small API-server client both TokenReview and the webhook use.
 
 pub mod auth;
 pub mod ca;
 pub mod discovery_service;
 pub mod identity_service;
 pub mod inject;
+pub mod kube_api;
 pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod spiffe;
+pub mod webhook;

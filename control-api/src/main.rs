@@ -9,13 +9,15 @@ mod cli;
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
-use cli::{CaCommand, CaInitArgs, Cli, Command, InjectArgs, ServeArgs};
+use cli::{CaCommand, CaInitArgs, Cli, Command, InjectArgs, LogFormat, ServeArgs};
 use pillion_control_api::{
-    auth::{AnyAuthenticator, TokenFile, TokenReview, TokenReviewConfig},
+    auth::{AnyAuthenticator, TokenFile, TokenReview},
     ca::{self, CertificateAuthority},
     inject,
+    kube_api::{KubeApi, KubeApiConfig},
     policy::{Policy, PolicyWatch},
     server::{self, ControlPlane},
+    webhook::{self, CertificateFiles, Namespaces, Webhook},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -26,12 +28,17 @@ const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse_or_exit();
-    tracing_subscriber::fmt()
+    // Times are RFC 3339 in UTC (tracing-subscriber's default timer), in both formats.
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
         // Colours only for a person at a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Plain => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let result = match cli.command {
         Command::Ca(CaCommand::Init(args)) => ca_init(&args),
         Command::Inject(args) => inject_stdin(&args),
@@ -67,27 +74,37 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         args.cert_lifetime,
     )
     .map_err(|e| e.to_string())?;
-    let authenticator = match (&args.tokens, token_review_url) {
+    // One API-server client for TokenReview and the webhook's Namespace lookups.
+    let kube_api = match &token_review_url {
+        Some(api_server) => Some(
+            KubeApi::new(&KubeApiConfig {
+                api_server: api_server.clone(),
+                ca_file: args.token_review_ca.clone(),
+                token_file: args.token_review_token.clone(),
+                timeout: TOKEN_REVIEW_TIMEOUT,
+            })
+            .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let authenticator = match (&args.tokens, &kube_api) {
         (Some(path), _) => {
             let tokens = TokenFile::load(path).map_err(|e| e.to_string())?;
             tracing::info!(path = %path.display(), entries = tokens.len(), "authenticating with the token file");
             AnyAuthenticator::TokenFile(tokens)
         }
-        (None, Some(api_server)) => {
-            tracing::info!(%api_server, "authenticating with Kubernetes TokenReview");
-            AnyAuthenticator::TokenReview(
-                TokenReview::new(TokenReviewConfig {
-                    api_server,
-                    ca_file: args.token_review_ca.clone(),
-                    token_file: args.token_review_token.clone(),
-                    audiences: args.token_review_audience.clone(),
-                    timeout: TOKEN_REVIEW_TIMEOUT,
-                })
-                .map_err(|e| e.to_string())?,
-            )
+        (None, Some(api)) => {
+            tracing::info!(api_server = ?token_review_url, "authenticating with Kubernetes TokenReview");
+            AnyAuthenticator::TokenReview(TokenReview::with_api(api.clone(), args.token_review_audience.clone()))
         }
         // clap requires one of the two.
         (None, None) => cli::exit_usage("one of --tokens or --token-review is required"),
+    };
+    let webhook_tls = match (&args.webhook_addr, &args.webhook_cert, &args.webhook_key) {
+        (Some(_), Some(cert), Some(key)) => {
+            Some(CertificateFiles::load(cert.clone(), key.clone()).map_err(|e| format!("webhook certificate: {e}"))?)
+        }
+        _ => None,
     };
 
     let shutdown = CancellationToken::new();
@@ -106,6 +123,24 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         issuer_expires = %ca.issuer_not_after(),
         "pillion-control serving"
     );
+
+    if let (Some(addr), Some(tls)) = (args.webhook_addr, webhook_tls) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (PILLION_CONTROL_WEBHOOK_ADDR): {e}"))?;
+        if kube_api.is_none() {
+            tracing::warn!(
+                "webhook without an API server (--token-review): namespaces' pillion.io/inject is not read; only pods' own annotation opts them in"
+            );
+        }
+        let webhook = Arc::new(Webhook {
+            options: args.inject.options(),
+            namespaces: Namespaces::new(kube_api.clone()),
+        });
+        tracing::info!(%addr, path = webhook::PATH, "admission webhook serving");
+        tokio::spawn(tls.clone().watch(shutdown.clone()));
+        tokio::spawn(webhook::serve(listener, tls, webhook, shutdown.clone()));
+    }
 
     let plane = ControlPlane {
         ca: Arc::new(ca),

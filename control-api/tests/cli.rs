@@ -90,23 +90,32 @@ fn ca_init_then_serve_until_sigterm() {
     )
     .unwrap();
     std::fs::write(dir.path("policy.yaml"), "destinations: []\n").unwrap();
-    let port = {
+    let (_, webhook_cert, webhook_key) = support::serving_cert();
+    std::fs::write(dir.path("webhook.crt"), webhook_cert).unwrap();
+    std::fs::write(dir.path("webhook.key"), webhook_key).unwrap();
+    let free_port = || {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
+    let (port, webhook_port) = (free_port(), free_port());
+    let log = std::fs::File::create(dir.path("serve.log")).unwrap();
     let mut child = bin()
         .arg("serve")
+        .env("PILLION_LOG_FORMAT", "json")
+        .env("PILLION_CONTROL_WEBHOOK_ADDR", format!("127.0.0.1:{webhook_port}"))
+        .env("PILLION_CONTROL_WEBHOOK_CERT", dir.path("webhook.crt"))
+        .env("PILLION_CONTROL_WEBHOOK_KEY", dir.path("webhook.key"))
         .env("PILLION_CONTROL_LISTEN", format!("127.0.0.1:{port}"))
         .env("PILLION_CONTROL_ISSUER_CERT", dir.path("issuer.crt"))
         .env("PILLION_CONTROL_ISSUER_KEY", dir.path("issuer.key"))
         .env("PILLION_CONTROL_TRUST_ANCHORS", dir.path("root.crt"))
         .env("PILLION_CONTROL_TOKENS", dir.path("tokens.yaml"))
         .env("PILLION_CONTROL_POLICY", dir.path("policy.yaml"))
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while TcpStream::connect(("127.0.0.1", port)).is_err() || TcpStream::connect(("127.0.0.1", webhook_port)).is_err() {
         assert!(Instant::now() < deadline, "server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -124,6 +133,31 @@ fn ca_init_then_serve_until_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0));
+
+    // PILLION_LOG_FORMAT=json: every line a JSON object with an RFC 3339 UTC timestamp.
+    let log = std::fs::read_to_string(dir.path("serve.log")).unwrap();
+    assert!(log.contains("admission webhook serving"), "{log}");
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let ts = entry["timestamp"].as_str().unwrap_or_default();
+        let rfc3339 = ts.len() >= 20
+            && ts.as_bytes()[4] == b'-'
+            && ts.as_bytes()[10] == b'T'
+            && ts.ends_with('Z')
+            && time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).is_ok();
+        assert!(rfc3339, "not RFC 3339: {ts} in {line}");
+    }
+}
+
+#[test]
+fn serve_without_required_flags_names_them_all() {
+    let out = bin().arg("serve").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for flag in ["--issuer-cert", "--issuer-key", "--trust-anchors", "--tokens"] {
+        assert!(stderr.contains(flag), "{flag} missing: {stderr}");
+    }
 }
 
 #[test]

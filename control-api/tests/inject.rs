@@ -198,6 +198,7 @@ fn options_reach_the_containers() {
         control_addr: "pillion-control.mesh.svc:8090".into(),
         proxy_log_level: "debug".into(),
         version: "0.2.0".into(),
+        ..InjectOptions::default()
     };
     let output = inject(&input("pod"), &options).unwrap().output;
     let pod: Value = yaml_serde::from_str(&output).unwrap();
@@ -374,4 +375,38 @@ fn binary_errors_write_nothing() {
     // Empty input is an empty stream, not an error.
     let out = run(&[], &[], b"");
     assert!(out.status.success() && out.stdout.is_empty());
+}
+
+#[test]
+fn the_control_plane_and_kube_system_are_never_injected() {
+    // What an operator might pipe through the injector: our own deployment and the example app.
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut all = String::new();
+    for file in ["control-plane.yaml", "example-app.yaml"] {
+        all.push_str(&read(&deploy.join(file)));
+        all.push_str("\n---\n");
+    }
+    let injected = inject(&all, &InjectOptions::default()).unwrap();
+    let control = injected
+        .reports
+        .iter()
+        .find(|r| r.object == "deployment/pillion-control")
+        .expect("the control plane's Deployment is reported");
+    assert!(
+        matches!(&control.outcome, Outcome::Skipped(why) if why.contains("pillion-system")),
+        "{control:?}"
+    );
+    assert!(
+        injected
+            .reports
+            .iter()
+            .any(|r| r.object == "deployment/web" && !matches!(r.outcome, Outcome::Skipped(_))),
+        "{:?}",
+        injected.reports
+    );
+
+    let system = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: coredns\n  namespace: kube-system\nspec:\n  template:\n    metadata:\n      annotations:\n        pillion.io/inject: enabled\n    spec:\n      containers:\n        - name: coredns\n          image: coredns:1.11\n";
+    let injected = inject(system, &InjectOptions::default()).unwrap();
+    assert_eq!(injected.output, system, "kube-system passes through unchanged");
+    assert!(matches!(&injected.reports[0].outcome, Outcome::Skipped(why) if why.contains("kube-system")));
 }

@@ -10,12 +10,16 @@
 //! yaml11      write a changed document so that Kubernetes' YAML 1.1 reader reads what we meant
 //! ```
 //!
+//! The admission webhook injects one Pod at a time through [`inject_pod`], which runs the same
+//! `workload` step on the Pod as JSON, so both ways of injecting add exactly the same thing.
+//!
 //! A document that is not changed (another kind, an opted-out or already injected workload) is
 //! copied byte for byte, comments included. That is also what makes injecting twice a no-op: the
 //! second pass finds every workload injected and changes nothing. A changed document keeps the
 //! comment lines at its top; its other comments are lost, because it is rewritten from the parsed
 //! value. Errors stop everything before anything is written: the caller gets all or nothing.
 
+mod admission;
 mod annotations;
 mod documents;
 mod sidecar;
@@ -26,6 +30,7 @@ use std::fmt;
 
 use yaml_serde::{Mapping, Value};
 
+pub use admission::{NamespaceInject, inject_pod};
 pub use annotations::{
     INBOUND_PORTS_TO_IGNORE, INJECT, INJECTED, OUTBOUND_PORTS_TO_IGNORE, OUTBOUND_SUBNETS_TO_IGNORE, PROXY_LOG_LEVEL,
 };
@@ -36,6 +41,8 @@ pub const DEFAULT_PROXY_IMAGE: &str = "pillion/proxy:dev";
 pub const DEFAULT_INIT_IMAGE: &str = "pillion/init:dev";
 /// The control plane's Service, as deployed by deploy/control-plane.yaml.
 pub const DEFAULT_CONTROL_ADDR: &str = "http://pillion-control.pillion-system.svc:8090";
+/// The namespace deploy/control-plane.yaml installs the control plane into.
+pub const DEFAULT_CONTROL_PLANE_NAMESPACE: &str = "pillion-system";
 /// The proxy's `PILLION_LOG` unless a workload's annotation says otherwise.
 pub const DEFAULT_PROXY_LOG_LEVEL: &str = "info";
 
@@ -50,6 +57,8 @@ pub struct InjectOptions {
     pub proxy_log_level: String,
     /// The value of the `pillion.io/injected` annotation.
     pub version: String,
+    /// The control plane's namespace: never injected, whatever the input says.
+    pub control_plane_namespace: String,
 }
 
 impl Default for InjectOptions {
@@ -60,6 +69,7 @@ impl Default for InjectOptions {
             control_addr: DEFAULT_CONTROL_ADDR.to_string(),
             proxy_log_level: DEFAULT_PROXY_LOG_LEVEL.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            control_plane_namespace: DEFAULT_CONTROL_PLANE_NAMESPACE.to_string(),
         }
     }
 }

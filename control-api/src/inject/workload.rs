@@ -2,9 +2,14 @@
 //!
 //! Kinds are matched with their API group, so a custom resource that happens to be called `Job`
 //! passes through untouched. A workload is left as it is, with the reason in its report, when it
-//! is already injected, opted out, or on the host network.
+//! is already injected, opted out, on the host network, or part of the control plane or
+//! `kube-system` (whatever the input says: injecting those would gate the control plane on the
+//! certificates only it can issue, and put a root init container into a restricted namespace).
 
 use yaml_serde::{Mapping, Value};
+
+/// The label every object of Pillion's own deployment carries (`pillion`).
+const PART_OF: &str = "app.kubernetes.io/part-of";
 
 use super::{
     InjectOptions, Outcome, Report,
@@ -78,6 +83,7 @@ fn inject_workload(
             path.join(".")
         ));
     }
+    let protected_object = protected(namespace_of(object), labels_of(object), options);
     let Some(template) = mapping_at(object, path) else {
         return skip(report, format!("it has no pod template ({})", path.join(".")));
     };
@@ -87,10 +93,12 @@ fn inject_workload(
             .iter()
             .map(|key| format!("unknown annotation {key} ignored")),
     );
+    if let Some(why) = protected_object.or_else(|| protected(None, labels_of(template), options)) {
+        return skip(report, why);
+    }
     let Some(Value::Mapping(spec)) = template.get_mut("spec") else {
         return skip(report, "its pod template has no spec".to_string());
     };
-
     if pod.injected || sidecar::has_container(spec, PROXY_CONTAINER) {
         report.outcome = Outcome::AlreadyInjected;
         return Ok(false);
@@ -110,6 +118,20 @@ fn inject_workload(
     Ok(true)
 }
 
+/// Why a workload must never be injected, from its namespace and labels: the control plane's
+/// namespace, `kube-system`, or anything labelled as part of Pillion.
+pub(super) fn protected(namespace: Option<&str>, labels: Option<&Mapping>, options: &InjectOptions) -> Option<String> {
+    match namespace {
+        Some("kube-system") => return Some("kube-system is never injected".to_string()),
+        Some(ns) if ns == options.control_plane_namespace => {
+            return Some(format!("{ns} is the control plane's namespace"));
+        }
+        _ => {}
+    }
+    let part_of = labels.and_then(|l| l.get(PART_OF)).and_then(Value::as_str);
+    (part_of == Some("pillion")).then(|| format!("it is part of Pillion ({PART_OF}: pillion)"))
+}
+
 /// `kind/name` in lower case, as kubectl prints it.
 fn object_name(object: &Mapping, kind: &str) -> String {
     let metadata = object.get("metadata");
@@ -122,6 +144,14 @@ fn object_name(object: &Mapping, kind: &str) -> String {
 
 fn string_at<'a>(map: &'a Mapping, key: &str) -> &'a str {
     map.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn namespace_of(object: &Mapping) -> Option<&str> {
+    object.get("metadata")?.get("namespace")?.as_str()
+}
+
+fn labels_of(object: &Mapping) -> Option<&Mapping> {
+    object.get("metadata")?.get("labels")?.as_mapping()
 }
 
 fn annotations_of(object: &Mapping) -> Option<&Mapping> {
