@@ -1,7 +1,12 @@
 //! Accepting redirected connections, shared by both directions: socket options, the original
 //! destination, loop refusal, and handing each connection to its path as a drain-tracked task.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -27,7 +32,20 @@ pub struct AcceptSettings {
     /// Send every connection here instead of its original destination: for running without
     /// iptables (a VM, a laptop, a benchmark), where there is no original destination to read.
     pub fixed_target: Option<SocketAddr>,
+    /// Inbound: the pod's own addresses, the only original destinations forwarded; anything
+    /// else was routed via the pod or aimed at its loopback, and relaying it would make the pod
+    /// an open relay. `None` on the outbound side, where any destination is the app's choice.
+    pub pod_ips: Option<Arc<[IpAddr]>>,
 }
+
+/// Refusals are logged at warn at most once per [`REFUSAL_WARN_PERIOD`] per listener, with how
+/// many went unlogged since; the rest at debug. A port scan must not flood the log.
+struct RefusalLog {
+    next_warn: Instant,
+    suppressed: u64,
+}
+
+const REFUSAL_WARN_PERIOD: Duration = Duration::from_secs(10);
 
 /// Accepts until draining begins, then drops the listener so the kernel refuses new connections.
 pub async fn serve<F, Fut>(listener: TcpListener, settings: AcceptSettings, drain: Drain, proxy: F)
@@ -40,7 +58,12 @@ where
         metrics,
         keepalive,
         fixed_target,
+        pod_ips,
     } = settings;
+    let mut refusals = RefusalLog {
+        next_warn: Instant::now(),
+        suppressed: 0,
+    };
     let dir = direction.as_str();
     loop {
         let accepted = tokio::select! {
@@ -58,9 +81,13 @@ where
             }
         };
         metrics.opened.inc();
-        let dst = match fixed_target {
-            Some(target) => Ok(OriginalDst(target)),
-            None => transport::original_dst(&stream),
+        let dst = match (fixed_target, &pod_ips) {
+            // A fixed target is the operator's own choice, not a destination a peer picked.
+            (Some(target), _) => Ok(OriginalDst(target)),
+            (None, Some(pod_ips)) => {
+                transport::original_dst(&stream).and_then(|dst| transport::check_pod_address(dst, pod_ips))
+            }
+            (None, None) => transport::original_dst(&stream),
         };
         let dst = match dst {
             Ok(dst) => dst,
@@ -68,8 +95,9 @@ where
                 match &refusal {
                     NoTarget::Loop(_) => metrics.refused_loop.inc(),
                     NoTarget::NoOriginalDst(_) => metrics.refused_no_original_dst.inc(),
+                    NoTarget::NotPodAddress(_) => metrics.refused_not_pod_address.inc(),
                 };
-                warn!(direction = dir, %peer, error = %refusal, "connection refused");
+                refusals.log(dir, peer, &refusal);
                 continue;
             }
         };
@@ -86,4 +114,24 @@ where
         });
     }
     debug!(direction = dir, "listener closed for drain");
+}
+
+impl RefusalLog {
+    fn log(&mut self, dir: &str, peer: SocketAddr, refusal: &NoTarget) {
+        let now = Instant::now();
+        if now < self.next_warn {
+            self.suppressed += 1;
+            debug!(direction = dir, %peer, error = %refusal, "connection refused");
+            return;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        self.next_warn = now + REFUSAL_WARN_PERIOD;
+        warn!(
+            direction = dir,
+            %peer,
+            error = %refusal,
+            refused_since_last_warning = suppressed,
+            "connection refused (further refusals in the next 10s are logged at debug; all are counted in pillion_tcp_connections_refused_total)"
+        );
+    }
 }

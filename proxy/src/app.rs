@@ -2,10 +2,17 @@
 //! starts the admin server and both proxy paths, declares readiness, and runs the drain when a
 //! signal or `POST /shutdown` arrives.
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
@@ -61,12 +68,21 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
 
     let bind = |what, addr| transport::bind(addr).map_err(|source| AppError::Bind { what, addr, source });
     let admin_listener = bind("admin", config.admin_addr)?;
-    let inbound_listener = bind("inbound", config.inbound_addr)?;
-    let outbound_listeners = config
+    let mut inbound_listeners = vec![bind("inbound", config.inbound_addr)?];
+    let mut outbound_listeners = config
         .outbound_addrs
         .iter()
         .map(|addr| bind("outbound", *addr))
         .collect::<Result<Vec<_>, _>>()?;
+    // The default listeners' IPv6 twins: iptables-init redirects IPv6 when the pod has it, and
+    // a redirect to a port nobody listens on would refuse every IPv6 connection.
+    inbound_listeners.extend(bind_ipv6_twin("inbound", config.inbound_ipv6_twin)?);
+    outbound_listeners.extend(bind_ipv6_twin("outbound", config.outbound_ipv6_twin)?);
+    if config.inbound_target.is_none() && config.inbound_ips.addrs.is_empty() {
+        warn!(
+            "no pod addresses (no non-loopback interface address and PILLION_INBOUND_IPS unset): every inbound connection will be refused"
+        );
+    }
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
@@ -118,15 +134,20 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             default: config.inbound_default_authorization.clone(),
         }),
     });
-    let settings = AcceptSettings {
-        direction: Direction::Inbound,
-        metrics: inbound.metrics.clone(),
-        keepalive: config.tcp_keepalive,
-        fixed_target: config.inbound_target,
-    };
-    tokio::spawn(accept::serve(inbound_listener, settings, drain.clone(), move |conn| {
-        inbound.clone().proxy(conn)
-    }));
+    let pod_ips: Arc<[IpAddr]> = config.inbound_ips.addrs.as_slice().into();
+    for listener in inbound_listeners {
+        let inbound = inbound.clone();
+        let settings = AcceptSettings {
+            direction: Direction::Inbound,
+            metrics: inbound.metrics.clone(),
+            keepalive: config.tcp_keepalive,
+            fixed_target: config.inbound_target,
+            pod_ips: Some(pod_ips.clone()),
+        };
+        tokio::spawn(accept::serve(listener, settings, drain.clone(), move |conn| {
+            inbound.clone().proxy(conn)
+        }));
+    }
 
     let outbound = Arc::new(Outbound {
         connect,
@@ -142,6 +163,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             metrics: outbound.metrics.clone(),
             keepalive: config.tcp_keepalive,
             fixed_target: config.outbound_target,
+            pod_ips: None,
         };
         tokio::spawn(accept::serve(listener, settings, drain.clone(), move |conn| {
             outbound.clone().proxy(conn)
@@ -151,7 +173,10 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     let grace = config.shutdown_grace_period;
     info!(
         inbound = %config.inbound_addr,
+        inbound_ipv6 = ?config.inbound_ipv6_twin,
         outbound = ?config.outbound_addrs,
+        outbound_ipv6 = ?config.outbound_ipv6_twin,
+        pod_ips = ?config.inbound_ips.addrs,
         admin = %config.admin_addr,
         version = env!("CARGO_PKG_VERSION"),
         "proxy listening"
@@ -180,6 +205,20 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         info!("drained");
     }
     Ok(())
+}
+
+/// Binds a default listener's IPv6 twin; `None` when there is none or this host has no IPv6
+/// (then IPv6 is not redirected either). Any other failure, e.g. the port taken, is an error.
+fn bind_ipv6_twin(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, AppError> {
+    let Some(addr) = addr else { return Ok(None) };
+    match transport::bind_ipv6_only(addr) {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if transport::is_ipv6_unavailable(&e) => {
+            info!(listener = what, %addr, error = %e, "no IPv6 on this host; listening on IPv4 only");
+            Ok(None)
+        }
+        Err(source) => Err(AppError::Bind { what, addr, source }),
+    }
 }
 
 /// Builds the identity store, its certificate source and the mesh TLS configs, or `None` when

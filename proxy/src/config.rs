@@ -3,11 +3,16 @@
 //! Everything an operator can get wrong is checked here, before a socket is bound, so a bad
 //! value is a one-line error naming the flag and its variable, with exit code 2 (the contract).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{
-    CommandFactory, Parser, ValueEnum,
+    CommandFactory, FromArgMatches, Parser, ValueEnum,
     error::{ContextKind, ContextValue, ErrorKind},
+    parser::ValueSource,
 };
 use serde::{Serialize, Serializer};
 use tracing_subscriber::EnvFilter;
@@ -19,6 +24,13 @@ use crate::authz::Authorization;
 pub struct Config {
     pub inbound_addr: SocketAddr,
     pub outbound_addrs: Vec<SocketAddr>,
+    /// The IPv6 twins of the default listeners (`[::]:4143`, `[::1]:4140`), bound next to them
+    /// when the host has IPv6, so IPv6 that iptables-init redirects finds a listener. `None`
+    /// when the operator set the address: then it is exactly what was asked for.
+    pub inbound_ipv6_twin: Option<SocketAddr>,
+    pub outbound_ipv6_twin: Option<SocketAddr>,
+    /// The only original destinations inbound forwards to: the pod's own addresses.
+    pub inbound_ips: InboundIps,
     pub admin_addr: SocketAddr,
     /// Without iptables: where inbound connections go instead of their original destination.
     pub inbound_target: Option<SocketAddr>,
@@ -60,7 +72,7 @@ pub struct Config {
 
 /// Where the workload certificate comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "source")]
+#[serde(rename_all = "kebab-case", tag = "source")]
 pub enum IdentitySource {
     None,
     /// A CSR to the control plane, authenticated by this token.
@@ -78,6 +90,14 @@ pub enum IdentitySource {
 pub enum TrustAnchors {
     Pem(String),
     File(PathBuf),
+}
+
+/// The pod's own addresses, and where the list came from (shown in `/config`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InboundIps {
+    /// `PILLION_INBOUND_IPS`, or `interfaces` (read at start-up, loopback left out).
+    pub source: &'static str,
+    pub addrs: Vec<IpAddr>,
 }
 
 /// Ports and ranges, e.g. `25,587,3306,9000-9100`.
@@ -103,6 +123,17 @@ struct Args {
         value_name = "ADDR"
     )]
     inbound_addr: SocketAddr,
+
+    /// The pod's own addresses, comma separated (the injector passes `status.podIPs`): inbound
+    /// forwards only connections whose original destination is one of them. Default: the
+    /// addresses of the pod's interfaces, loopback excluded.
+    #[arg(long, env = "PILLION_INBOUND_IPS", value_name = "IP[,IP]", value_parser = parse_ips)]
+    inbound_ips: Option<IpList>,
+
+    /// Set after parsing: whether the listener addresses are clap's defaults (then the IPv6
+    /// twins are bound too).
+    #[arg(skip)]
+    default_listeners: (bool, bool),
 
     /// Listener(s) for traffic leaving the app, comma separated (e.g. `127.0.0.1:4140,[::1]:4140`).
     #[arg(
@@ -245,6 +276,8 @@ pub enum ConfigError {
     ControlPlaneWithoutIdentity,
     #[error("a workload identity needs trust anchors: PILLION_TRUST_ANCHORS or PILLION_TRUST_ANCHORS_FILE")]
     NoTrustAnchors,
+    #[error("cannot read the interface addresses for the PILLION_INBOUND_IPS default ({0}); set PILLION_INBOUND_IPS")]
+    InterfaceAddresses(std::io::Error),
     #[error("{first} and {second} are both {addr}: every listener needs its own address")]
     ListenerClash {
         first: &'static str,
@@ -256,7 +289,7 @@ pub enum ConfigError {
 impl Config {
     /// Parses flags and environment, or prints a one-line error and exits with status 2.
     pub fn from_env_or_exit() -> Self {
-        let args = match Args::try_parse() {
+        let args = match Args::try_parse_with_sources(std::env::args_os()) {
             Ok(args) => args,
             Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
             Err(e) => exit_usage(&one_line(&e)),
@@ -308,6 +341,24 @@ impl TryFrom<Args> for Config {
         if identity != IdentitySource::None && trust_anchors.is_none() {
             return Err(ConfigError::NoTrustAnchors);
         }
+        let inbound_ips = match args.inbound_ips {
+            Some(IpList(addrs)) => InboundIps {
+                source: "PILLION_INBOUND_IPS",
+                addrs,
+            },
+            None => InboundIps {
+                source: "interfaces",
+                addrs: crate::transport::interface_addresses().map_err(ConfigError::InterfaceAddresses)?,
+            },
+        };
+        let (inbound_default, outbound_default) = args.default_listeners;
+        // Same port as the IPv4 default, so iptables-init's one port number serves both families.
+        let inbound_ipv6_twin =
+            inbound_default.then(|| SocketAddr::from((Ipv6Addr::UNSPECIFIED, args.inbound_addr.port())));
+        let outbound_ipv6_twin = match args.outbound_addr.as_slice() {
+            [only] if outbound_default => Some(SocketAddr::from((Ipv6Addr::LOCALHOST, only.port()))),
+            _ => None,
+        };
         Ok(Config {
             control_addr: args.control_addr,
             identity,
@@ -315,6 +366,9 @@ impl TryFrom<Args> for Config {
             inbound_default_authorization: args.inbound_default_authorization,
             inbound_addr: args.inbound_addr,
             outbound_addrs: args.outbound_addr,
+            inbound_ipv6_twin,
+            outbound_ipv6_twin,
+            inbound_ips,
             admin_addr: args.admin_addr,
             inbound_target: args.inbound_target,
             outbound_target: args.outbound_target,
@@ -336,6 +390,45 @@ impl TryFrom<Args> for Config {
             discovery_idle_timeout: args.discovery_idle_timeout,
         })
     }
+}
+
+impl Args {
+    /// Parses like `try_parse_from`, and notes which listener addresses were left at their
+    /// defaults (a value from the flag or the variable is taken exactly as given).
+    fn try_parse_with_sources<I, T>(argv: I) -> Result<Args, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Args::command().try_get_matches_from(argv)?;
+        let mut args = Args::from_arg_matches(&matches)?;
+        let defaulted = |id| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        args.default_listeners = (defaulted("inbound_addr"), defaulted("outbound_addr"));
+        Ok(args)
+    }
+}
+
+/// Newtype so clap stores the parsed list as one value rather than treating `Vec` as repeats.
+#[derive(Clone, Debug)]
+struct IpList(Vec<IpAddr>);
+
+fn parse_ips(s: &str) -> Result<IpList, String> {
+    let mut addrs = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let ip: IpAddr = item.parse().map_err(|_| format!("{item:?} is not an IP address"))?;
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(format!("{item} cannot be a pod address"));
+        }
+        // An IPv4-mapped form compares as the IPv4 address it stands for, as destinations do.
+        let ip = ip.to_canonical();
+        if !addrs.contains(&ip) {
+            addrs.push(ip);
+        }
+    }
+    if addrs.is_empty() {
+        return Err("expected one or more IP addresses, comma separated".to_string());
+    }
+    Ok(IpList(addrs))
 }
 
 fn exit_usage(message: &str) -> ! {
@@ -452,7 +545,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let args = Args::try_parse_from(std::iter::once("pillion-proxy").chain(args.iter().copied()))
+        let args = Args::try_parse_with_sources(std::iter::once("pillion-proxy").chain(args.iter().copied()))
             .map_err(|e| one_line(&e))?;
         Config::try_from(args).map_err(|e| e.to_string())
     }
@@ -474,6 +567,38 @@ mod tests {
         assert!(c.connect_timeout >= Duration::from_secs(3), "{:?}", c.connect_timeout);
         assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.tcp_idle_timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn inbound_ips_are_checked_and_default_to_the_interfaces() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.inbound_ips.source, "interfaces");
+        assert!(
+            c.inbound_ips.addrs.iter().all(|ip| !ip.is_loopback()),
+            "{:?}",
+            c.inbound_ips
+        );
+        let c = parse(&["--inbound-ips", "10.1.2.3, fd00::3,10.1.2.3,::ffff:10.9.9.9"]).unwrap();
+        assert_eq!(c.inbound_ips.source, "PILLION_INBOUND_IPS");
+        let expected: Vec<IpAddr> = ["10.1.2.3", "fd00::3", "10.9.9.9"].map(|a| a.parse().unwrap()).into();
+        assert_eq!(c.inbound_ips.addrs, expected);
+        for bad in ["10.1.2", "10.1.2.3,pod", "", "0.0.0.0", "::"] {
+            let e = parse(&["--inbound-ips", bad]).unwrap_err();
+            assert!(
+                e.contains("--inbound-ips") && e.contains("PILLION_INBOUND_IPS") && e.contains(bad),
+                "{bad:?}: {e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn default_listeners_get_ipv6_twins_and_set_ones_do_not() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.inbound_ipv6_twin, Some("[::]:4143".parse().unwrap()));
+        assert_eq!(c.outbound_ipv6_twin, Some("[::1]:4140".parse().unwrap()));
+        let c = parse(&["--inbound-addr", "0.0.0.0:4143", "--outbound-addr", "127.0.0.1:4140"]).unwrap();
+        assert_eq!((c.inbound_ipv6_twin, c.outbound_ipv6_twin), (None, None));
     }
 
     #[test]

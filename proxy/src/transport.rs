@@ -23,16 +23,40 @@ pub enum NoTarget {
     /// Not NATed at all (no conntrack entry), e.g. a listener reached without iptables rules.
     #[error("no original destination: {0}")]
     NoOriginalDst(io::Error),
+    /// Inbound, addressed to something other than the pod (routed via the pod, or a loopback
+    /// address): forwarding it would make the pod an open relay into itself and its network.
+    #[error("original destination {0} is not one of the pod's addresses (PILLION_INBOUND_IPS)")]
+    NotPodAddress(SocketAddr),
 }
 
 const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a listener; `[::]` is dual-stack so one inbound listener serves both families.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_socket(addr, false)
+}
+
+/// Binds the IPv6 twin of an IPv4 listener on the same port (`[::]:4143` next to
+/// `0.0.0.0:4143`): IPv6 only, since a dual-stack socket would clash with the IPv4 one.
+pub fn bind_ipv6_only(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_socket(addr, true)
+}
+
+/// Whether a bind failed because this host has no IPv6 (disabled, or no `::1`), as opposed to
+/// a real problem such as the port being taken.
+pub fn is_ipv6_unavailable(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
+}
+
+fn bind_socket(addr: SocketAddr, ipv6_only: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    if addr.is_ipv6() && addr.ip().is_unspecified() {
-        socket.set_only_v6(false)?;
+    if addr.is_ipv6() {
+        // Explicit either way: the system default (net.ipv6.bindv6only) is not ours to trust.
+        socket.set_only_v6(ipv6_only || !addr.ip().is_unspecified())?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -70,6 +94,59 @@ pub fn original_dst(stream: &TcpStream) -> Result<OriginalDst, NoTarget> {
         return Err(NoTarget::Loop(dst));
     }
     Ok(OriginalDst(dst))
+}
+
+/// Refuses an inbound original destination that is not one of the pod's own addresses.
+pub fn check_pod_address(dst: OriginalDst, pod_ips: &[IpAddr]) -> Result<OriginalDst, NoTarget> {
+    match pod_ips.contains(&dst.0.ip()) {
+        true => Ok(dst),
+        false => Err(NoTarget::NotPodAddress(dst.0)),
+    }
+}
+
+/// The addresses of this network namespace's interfaces, except loopback ones (on `lo`, or in
+/// 127.0.0.0/8 and ::1): those are the app's private side, never a destination from outside.
+/// One `getifaddrs(3)` call (netlink, answered from kernel memory), made at start-up.
+pub fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `head` and allocates the list; on success it is
+    // released below with freeifaddrs, exactly once.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addrs = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` is a non-null node of the list getifaddrs returned, still allocated.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        let loopback_interface = entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
+        if entry.ifa_addr.is_null() || loopback_interface {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points at a sockaddr whose family says its real type;
+        // we read the longer types only after checking the family.
+        let ip = unsafe {
+            match i32::from((*entry.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                    IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
+                    IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        if !ip.is_loopback() && !addrs.contains(&ip) {
+            addrs.push(ip);
+        }
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once; no reference into the
+    // list outlives this call (the addresses were copied out).
+    unsafe { libc::freeifaddrs(head) };
+    Ok(addrs)
 }
 
 /// How upstream connections are made.
@@ -166,6 +243,28 @@ mod tests {
         assert_eq!(unmap(v6), v6);
     }
 
+    #[test]
+    fn only_pod_addresses_pass() {
+        let pod: Vec<IpAddr> = vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()];
+        let ok = OriginalDst("10.0.0.2:8080".parse().unwrap());
+        assert_eq!(check_pod_address(ok, &pod).unwrap(), ok);
+        let v6 = OriginalDst("[fd00::2]:8080".parse().unwrap());
+        assert_eq!(check_pod_address(v6, &pod).unwrap(), v6);
+        for refused in ["127.0.0.1:8080", "10.0.0.3:8080", "[::1]:8080", "192.0.2.1:443"] {
+            let dst = OriginalDst(refused.parse().unwrap());
+            assert!(
+                matches!(check_pod_address(dst, &pod), Err(NoTarget::NotPodAddress(a)) if a == dst.0),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn interface_addresses_leave_out_loopback() {
+        let addrs = interface_addresses().expect("getifaddrs");
+        assert!(addrs.iter().all(|ip| !ip.is_loopback()), "{addrs:?}");
+    }
+
     #[tokio::test]
     async fn a_connection_without_nat_has_no_original_destination() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -189,6 +288,17 @@ mod tests {
         let client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (_server, peer) = listener.accept().await.unwrap();
         assert_eq!(unmap(peer), client.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_twin_binds_next_to_the_ipv4_wildcard() {
+        let v4 = bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        match bind_ipv6_only(SocketAddr::from(([0u16; 8], port))) {
+            Ok(v6) => assert_eq!(v6.local_addr().unwrap().port(), port),
+            Err(e) if is_ipv6_unavailable(&e) => eprintln!("no IPv6 on this host: {e}"),
+            Err(e) => panic!("the IPv6 twin must not clash with the IPv4 listener: {e}"),
+        }
     }
 
     #[tokio::test]

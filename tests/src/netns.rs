@@ -117,6 +117,21 @@ impl Netns {
             .unwrap_or_else(|e| panic!("running `{program}` in {}: {e}", self.name))
     }
 
+    /// Runs `program args` in the namespace and panics with its stderr unless it succeeds: for
+    /// set-up steps (`ip route add …`, `sysctl -w …`). Returns its stdout.
+    pub fn exec_ok(&self, program: &str, args: &[&str]) -> String {
+        let out = self.exec(program, args);
+        assert!(
+            out.status.success(),
+            "`{program} {}` in {} failed ({}): {}",
+            args.join(" "),
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `f` on a new thread inside the namespace and returns its result; a panic in `f`
     /// propagates. Sockets created by `f` stay in the namespace after they are returned.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {

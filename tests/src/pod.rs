@@ -48,6 +48,7 @@ static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
 #[derive(Debug, Clone, Default)]
 pub struct PodOptions {
     pub(crate) ipv6: bool,
+    pub(crate) ipv6_addresses: bool,
     pub(crate) init_args: Vec<String>,
     pub(crate) proxy_env: Vec<(String, String)>,
     pub(crate) own_process_group: bool,
@@ -75,10 +76,19 @@ pub struct Pod {
 }
 
 impl PodOptions {
-    /// Dual stack: IPv6 addresses on the veth, `--ipv6 on` for the init container, and the proxy
-    /// listening on `[::]:4143` (dual stack) and on `127.0.0.1:4140` + `[::1]:4140`.
+    /// Dual stack: IPv6 addresses on the veth and `--ipv6 on` for the init container. The proxy
+    /// runs with its default listeners, which include the IPv6 twins `[::]:4143` and `[::1]:4140`.
     pub fn ipv6(mut self) -> Self {
         self.ipv6 = true;
+        self.ipv6_addresses = true;
+        self
+    }
+
+    /// IPv6 addresses on the veth (a global ULA on each end), and the init container's `--ipv6`
+    /// left to the caller: default `auto` (which then redirects IPv6), or `off` via
+    /// [`PodOptions::init_args`].
+    pub fn ipv6_addresses(mut self) -> Self {
+        self.ipv6_addresses = true;
         self
     }
 
@@ -114,7 +124,7 @@ impl Pod {
         let subnet = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) % 250 + 1;
         let ip = Ipv4Addr::new(10, 200, subnet, 2);
         let client_ip = Ipv4Addr::new(10, 200, subnet, 1);
-        let (ip6, client_ip6) = if options.ipv6 {
+        let (ip6, client_ip6) = if options.ipv6_addresses {
             let v6 = |host| Ipv6Addr::new(0xfd00, 0x200, u16::from(subnet), 0, 0, 0, 0, host);
             (Some(v6(2)), Some(v6(1)))
         } else {
@@ -338,17 +348,10 @@ pub(crate) fn proxy_command(ns: &Netns, options: &PodOptions) -> Command {
         .arg("--clear-groups")
         .arg(binaries::proxy());
     without_pillion_env(&mut cmd);
-    let (inbound, outbound) = if options.ipv6 {
-        (
-            format!("[::]:{INBOUND_PORT}"),
-            format!("127.0.0.1:{OUTBOUND_PORT},[::1]:{OUTBOUND_PORT}"),
-        )
-    } else {
-        (format!("0.0.0.0:{INBOUND_PORT}"), format!("127.0.0.1:{OUTBOUND_PORT}"))
-    };
-    cmd.env("PILLION_INBOUND_ADDR", inbound)
-        .env("PILLION_OUTBOUND_ADDR", outbound)
-        .env("PILLION_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}"))
+    // The inbound and outbound listeners are left at their defaults (0.0.0.0:4143 and
+    // 127.0.0.1:4140, plus their IPv6 twins when the namespace has IPv6), as an injected pod
+    // runs them: the tests prove the defaults, not a hand-picked variant.
+    cmd.env("PILLION_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}"))
         .env("PILLION_LOG", "debug")
         .env(
             "PILLION_SHUTDOWN_GRACE_PERIOD",
