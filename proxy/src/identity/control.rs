@@ -47,7 +47,10 @@ pub async fn run(store: Arc<IdentityStore>, channel: Channel, token_file: PathBu
 }
 
 async fn certify(client: &mut IdentityClient<Channel>, token_file: &PathBuf) -> Result<Held, String> {
-    let token = std::fs::read_to_string(token_file).map_err(|e| format!("token file {}: {e}", token_file.display()))?;
+    // Async read: the token sits on a projected volume, which must not stall the runtime thread.
+    let token = tokio::fs::read_to_string(token_file)
+        .await
+        .map_err(|e| format!("token file {}: {e}", token_file.display()))?;
     let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
     let mut params = CertificateParams::default();
     // The CA takes the identity from the token; the CSR only proves possession of the key.

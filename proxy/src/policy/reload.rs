@@ -1,6 +1,9 @@
 //! Keeps the route policy current. The file is read once at start (an invalid file stops
 //! start-up) and then polled: a valid change is swapped in atomically for new requests, open
 //! connections keep flowing; an invalid one is logged with its place and the old policy stays.
+//!
+//! Every poll reads the disk on the blocking pool, never on the runtime thread: a slow or stuck
+//! file system (a hung NFS or FUSE mount, a FIFO) must not stall the connections it serves.
 
 use std::{
     path::{Path, PathBuf},
@@ -36,16 +39,26 @@ pub fn load(path: Option<&Path>, metrics: &HttpMetrics) -> Result<Policy, FileEr
 
 /// Polls `path` for changes forever.
 pub async fn watch(path: PathBuf, shared: SharedPolicy, metrics: Arc<HttpMetrics>) {
-    let mut seen = stamp(&path);
+    let path = Arc::new(path);
+    let mut seen = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || stamp(&path)).await.ok().flatten()
+    };
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     loop {
         tick.tick().await;
-        let now = stamp(&path);
-        if now == seen {
+        let (file, file_metrics, last) = (path.clone(), metrics.clone(), seen);
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = stamp(&file);
+            let loaded = (now != last).then(|| load(Some(&file), &file_metrics));
+            (now, loaded)
+        })
+        .await;
+        let Ok((now, Some(loaded))) = checked else {
             continue;
-        }
+        };
         seen = now;
-        match load(Some(&path), &metrics) {
+        match loaded {
             Ok(policy) => {
                 shared.store(Arc::new(policy));
                 metrics.config_reloads_ok.inc();
@@ -64,4 +77,66 @@ pub async fn watch(path: PathBuf, shared: SharedPolicy, metrics: Arc<HttpMetrics
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs::OpenOptions, io::Write, os::unix::fs::OpenOptionsExt, time::Duration};
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// The route file is a FIFO nobody writes yet, so opening it for reading blocks. If the
+    /// watcher opened it on the runtime thread, this single-threaded runtime would stop, and the
+    /// loop below (which needs it to run) could never see the reader and hand it the file.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stuck_file_read_does_not_stall_the_runtime() {
+        let dir = std::env::temp_dir().join(format!("pillion-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("routes.yaml");
+        let _ = std::fs::remove_file(&path);
+        let metrics = Metrics::new();
+        let shared: SharedPolicy = Arc::new(ArcSwap::from_pointee(Policy::empty(&metrics.http)));
+        tokio::spawn(watch(path.clone(), shared, metrics.http.clone()));
+        // Let the watcher note that there is no file yet, so the FIFO's appearance is a change.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // If the runtime were blocked, this rescue (after the assertion's deadline) unblocks it.
+        let rescue = path.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(15));
+            let _ = OpenOptions::new().write(true).open(rescue);
+        });
+
+        let handed_over = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Opening a FIFO for writing without blocking fails (ENXIO) until a reader has it open.
+                let writer = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path);
+                if let Ok(mut writer) = writer {
+                    writer.write_all(b"routes: []\n").unwrap();
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            handed_over.is_ok(),
+            "the runtime stalled while the watcher read the file"
+        );
+        let reloaded = tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.http.config_reloads_ok.get() + metrics.http.config_reloads_failed.get() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(reloaded.is_ok(), "the file was read and judged");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
