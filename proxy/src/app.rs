@@ -21,6 +21,7 @@ use crate::{
     admin::{self, Admin, Readiness},
     authz::Authorizer,
     config::{Config, IdentitySource, TrustAnchors},
+    conn_limit::ConnLimit,
     detect::DetectSettings,
     discovery::{Discovery, DiscoverySettings},
     drain::Drain,
@@ -87,6 +88,9 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
     let drain = Drain::new();
+    // One connection limit per direction, shared by its listeners (IPv4 and IPv6).
+    let limit = |direction| ConnLimit::new(config.max_connections, direction, metrics.tcp(direction).refused_limit);
+    let (inbound_limit, outbound_limit) = (limit(Direction::Inbound), limit(Direction::Outbound));
     let listeners_bound = Readiness::default();
     let connect = ConnectSettings {
         timeout: config.connect_timeout,
@@ -144,9 +148,9 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             fixed_target: config.inbound_target,
             pod_ips: Some(pod_ips.clone()),
         };
-        tokio::spawn(accept::serve(listener, settings, drain.clone(), move |conn| {
+        tokio::spawn(accept::serve(listener, settings, drain.clone(), inbound_limit.clone().serve(move |conn| {
             inbound.clone().proxy(conn)
-        }));
+        })));
     }
 
     let outbound = Arc::new(Outbound {
@@ -165,9 +169,9 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             fixed_target: config.outbound_target,
             pod_ips: None,
         };
-        tokio::spawn(accept::serve(listener, settings, drain.clone(), move |conn| {
+        tokio::spawn(accept::serve(listener, settings, drain.clone(), outbound_limit.clone().serve(move |conn| {
             outbound.clone().proxy(conn)
-        }));
+        })));
     }
 
     let grace = config.shutdown_grace_period;

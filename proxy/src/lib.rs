@@ -11,6 +11,7 @@ pub mod allocator;
 pub mod app;
 pub mod authz;
 pub mod config;
+pub mod conn_limit;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
