@@ -58,7 +58,7 @@ pub enum Command {
     ///
     /// Per workload, annotations on the pod template: `pillion.io/inject: disabled` (leave it out),
     /// `pillion.io/inbound-ports-to-ignore`, `pillion.io/outbound-ports-to-ignore`,
-    /// `pillion.io/outbound-subnets-to-ignore`, `pillion.io/proxy-log-level`.
+    /// `pillion.io/outbound-subnets-to-ignore`, `pillion.io/proxy-log-level`, `pillion.io/ipv6`.
     ///
     /// Comments: a document that is not changed is copied byte for byte; a changed document keeps
     /// the comment lines at its top and loses its other comments. One line per workload goes to

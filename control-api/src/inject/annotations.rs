@@ -21,6 +21,9 @@ pub const OUTBOUND_PORTS_TO_IGNORE: &str = "pillion.io/outbound-ports-to-ignore"
 pub const OUTBOUND_SUBNETS_TO_IGNORE: &str = "pillion.io/outbound-subnets-to-ignore";
 /// The proxy's `PILLION_LOG` for this workload.
 pub const PROXY_LOG_LEVEL: &str = "pillion.io/proxy-log-level";
+/// IPv6 redirection by pillion-iptables-init: `auto` (the default: when the pod has IPv6), `on`,
+/// `off` (inbound IPv6 is then refused, so nothing reaches the app around the proxy).
+pub const IPV6: &str = "pillion.io/ipv6";
 
 /// What a pod template's annotations ask for, checked; lists normalised to `a,b,c`.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,6 +34,7 @@ pub(super) struct PodAnnotations {
     pub outbound_ports_to_ignore: Option<String>,
     pub outbound_subnets_to_ignore: Option<String>,
     pub proxy_log_level: Option<String>,
+    pub ipv6: Option<String>,
     /// `pillion.io/` keys we do not know: probably misspelt.
     pub unknown: Vec<String>,
 }
@@ -65,6 +69,10 @@ pub(super) fn read(annotations: Option<&Mapping>) -> Result<PodAnnotations, Stri
             OUTBOUND_PORTS_TO_IGNORE => pod.outbound_ports_to_ignore = Some(checked(port_list(value))?),
             OUTBOUND_SUBNETS_TO_IGNORE => pod.outbound_subnets_to_ignore = Some(checked(subnet_list(value))?),
             PROXY_LOG_LEVEL => pod.proxy_log_level = Some(checked(log_filter(value))?),
+            IPV6 => match value {
+                "auto" | "on" | "off" => pod.ipv6 = Some(value.to_string()),
+                other => return Err(format!("annotation {key}: '{other}' is not one of auto, on, off")),
+            },
             _ => pod.unknown.push(key.to_string()),
         }
     }

@@ -32,7 +32,8 @@ use yaml_serde::{Mapping, Value};
 
 pub use admission::{NamespaceInject, inject_pod};
 pub use annotations::{
-    INBOUND_PORTS_TO_IGNORE, INJECT, INJECTED, OUTBOUND_PORTS_TO_IGNORE, OUTBOUND_SUBNETS_TO_IGNORE, PROXY_LOG_LEVEL,
+    INBOUND_PORTS_TO_IGNORE, INJECT, INJECTED, IPV6, OUTBOUND_PORTS_TO_IGNORE, OUTBOUND_SUBNETS_TO_IGNORE,
+    PROXY_LOG_LEVEL,
 };
 
 /// Image of the proxy container when `--proxy-image` is not given (as built in docs/kubernetes.md).

@@ -105,7 +105,7 @@ env:
   - name: PILLION_INIT_OUTBOUND_SUBNETS_TO_IGNORE
     value: {outbound_subnets}
   - name: PILLION_INIT_IPV6
-    value: "off"
+    value: {ipv6}
   - name: PILLION_INIT_BACKEND
     value: "auto"
   - name: PILLION_INIT_VALIDATE
@@ -134,6 +134,7 @@ resources:
         inbound_ignored = quote(&inbound_ignored),
         outbound_ports = quote(annotations.outbound_ports_to_ignore.as_deref().unwrap_or("")),
         outbound_subnets = quote(annotations.outbound_subnets_to_ignore.as_deref().unwrap_or("")),
+        ipv6 = quote(annotations.ipv6.as_deref().unwrap_or("auto")),
     ))
 }
 
@@ -149,10 +150,12 @@ image: {image}
 imagePullPolicy: IfNotPresent
 restartPolicy: Always
 env:
-  - name: PILLION_INBOUND_ADDR
-    value: "0.0.0.0:4143"
-  - name: PILLION_OUTBOUND_ADDR
-    value: "127.0.0.1:4140"
+  # The listeners keep their defaults (0.0.0.0:4143, 127.0.0.1:4140), which also bind the IPv6
+  # twins when the pod has IPv6, as pillion-iptables-init redirects it.
+  - name: PILLION_INBOUND_IPS
+    valueFrom:
+      fieldRef:
+        fieldPath: status.podIPs
   - name: PILLION_ADMIN_ADDR
     value: "0.0.0.0:4191"
   - name: PILLION_LOG
