@@ -17,6 +17,7 @@ use crate::{
     config::BackendChoice,
     error::{Error, one_line},
     family::Family,
+    ruleset::Table,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,26 +128,33 @@ fn is_executable(path: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// What `*-save -t nat` prints for a table with nothing in it.
-pub const EMPTY_NAT: &str = "*nat\nCOMMIT\n";
+/// What `*-save -t <table>` prints for a table with nothing in it.
+pub fn empty_table(table: Table) -> String {
+    format!("*{table}\nCOMMIT\n")
+}
 
-/// Whether this namespace has a legacy nat table at all, from the kernel's list of loaded
+/// Whether this namespace has a legacy `table` at all, from the kernel's list of loaded
 /// x_tables; `None` when that list cannot be read. Asking `iptables-legacy-save` would create
 /// the table, after which every `iptables-nft` listing warns about legacy tables.
-pub fn legacy_nat_exists(family: Family) -> Option<bool> {
+pub fn legacy_table_exists(family: Family, table: Table) -> Option<bool> {
     let names = match family {
         Family::V4 => "/proc/net/ip_tables_names",
         Family::V6 => "/proc/net/ip6_tables_names",
     };
     let names = std::fs::read_to_string(names).ok()?;
-    Some(names.lines().any(|table| table.trim() == "nat"))
+    Some(names.lines().any(|name| name.trim() == table.name()))
 }
 
 /// `<family>-<backend>-save -t nat`: the live nat table as text.
 pub fn save_nat(backend: Backend, family: Family) -> Result<String, Error> {
+    save(backend, family, Table::Nat)
+}
+
+/// `<family>-<backend>-save -t <table>`: the live table as text.
+pub fn save(backend: Backend, family: Family, table: Table) -> Result<String, Error> {
     let program = backend.save_program(family);
     let output = command(&program)?
-        .args(["-t", "nat"])
+        .args(["-t", table.name()])
         .stdin(Stdio::null())
         .output()
         .map_err(|source| Error::Spawn {
@@ -163,10 +171,10 @@ pub fn save_nat(backend: Backend, family: Family) -> Result<String, Error> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Feeds `input` to `<family>-<backend>-restore`; `noflush` false replaces the whole nat table
-/// (used only to roll back to a saved copy). The tool applies each `COMMIT` atomically, so on
-/// error the table is as it was.
-pub fn restore(backend: Backend, family: Family, input: &str, noflush: bool) -> Result<(), Error> {
+/// Feeds `input` (one `table`) to `<family>-<backend>-restore`; `noflush` false replaces the
+/// whole table (used only to roll back to a saved copy). The tool applies each `COMMIT`
+/// atomically, so on error the table is as it was.
+pub fn restore(backend: Backend, family: Family, table: Table, input: &str, noflush: bool) -> Result<(), Error> {
     let program = backend.restore_program(family);
     let mut cmd = command(&program)?;
     if noflush {
@@ -203,6 +211,7 @@ pub fn restore(backend: Backend, family: Family, input: &str, noflush: bool) -> 
     Err(Error::RestoreFailed {
         program,
         family,
+        table,
         status: output.status.to_string(),
         stderr,
         hint,

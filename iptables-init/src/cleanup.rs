@@ -5,10 +5,11 @@
 //! exact spec iptables-save printed, so nothing else can match; then every chain of ours is
 //! flushed before any is deleted (they may refer to each other). All in one `COMMIT`.
 
-use crate::ruleset::{NatRuleset, is_ours};
+use crate::ruleset::{Ruleset, Table, is_ours};
 
-/// The restore input that removes our chains and jumps, or `None` when there is nothing of ours.
-pub fn uninstall(existing: &NatRuleset) -> Option<String> {
+/// The restore input that removes our chains and jumps from `table`, or `None` when there is
+/// nothing of ours.
+pub fn uninstall(existing: &Ruleset, table: Table) -> Option<String> {
     let chains: Vec<&str> = existing.our_chains().collect();
     let jumps: Vec<_> = existing
         .rules
@@ -18,7 +19,7 @@ pub fn uninstall(existing: &NatRuleset) -> Option<String> {
     if chains.is_empty() && jumps.is_empty() {
         return None;
     }
-    let mut out = String::from("*nat\n");
+    let mut out = format!("*{table}\n");
     for rule in jumps {
         out.push_str(&format!("-D {} {}\n", rule.chain, rule.spec));
     }
@@ -44,8 +45,8 @@ mod tests {
 
     #[test]
     fn removes_our_jumps_and_chains_and_nothing_else() {
-        let existing = NatRuleset::parse(&testdata("cleanup_input.save"));
-        let out = uninstall(&existing).expect("there is something to remove");
+        let existing = Ruleset::parse(&testdata("cleanup_input.save"));
+        let out = uninstall(&existing, Table::Nat).expect("there is something to remove");
         assert_golden("cleanup.rules", &out);
         // The foreign chain keeps its hook and itself; only its jump into our chain goes.
         assert!(!out.contains("--dport 53"));
@@ -57,16 +58,31 @@ mod tests {
     fn nothing_installed_means_nothing_to_do() {
         let fresh = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
                      -A OUTPUT -p udp -m udp --dport 53 -j RETURN\nCOMMIT\n";
-        assert_eq!(uninstall(&NatRuleset::parse(fresh)), None);
-        assert_eq!(uninstall(&NatRuleset::default()), None);
+        assert_eq!(uninstall(&Ruleset::parse(fresh), Table::Nat), None);
+        assert_eq!(uninstall(&Ruleset::default(), Table::Nat), None);
     }
 
     #[test]
     fn a_dangling_jump_alone_is_still_removed() {
         let save = "*nat\n-A OUTPUT -j PILLION_OUTPUT\nCOMMIT\n";
         assert_eq!(
-            uninstall(&NatRuleset::parse(save)).as_deref(),
+            uninstall(&Ruleset::parse(save), Table::Nat).as_deref(),
             Some("*nat\n-D OUTPUT -j PILLION_OUTPUT\nCOMMIT\n")
+        );
+    }
+
+    #[test]
+    fn removes_the_ipv6_refusal_from_the_filter_table() {
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:PILLION_INPUT - [0:0]\n\
+                    -A INPUT -m comment --comment \"pillion: x\" -j PILLION_INPUT\n\
+                    -A INPUT -p tcp -j ACCEPT\n\
+                    -A PILLION_INPUT -p tcp -j REJECT --reject-with tcp-reset\nCOMMIT\n";
+        assert_eq!(
+            uninstall(&Ruleset::parse_table(save, Table::Filter), Table::Filter).as_deref(),
+            Some(
+                "*filter\n-D INPUT -m comment --comment \"pillion: x\" -j PILLION_INPUT\n\
+                 -F PILLION_INPUT\n-X PILLION_INPUT\nCOMMIT\n"
+            )
         );
     }
 }

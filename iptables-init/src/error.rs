@@ -3,7 +3,7 @@
 
 use std::{io, path::PathBuf};
 
-use crate::{backend::Backend, family::Family};
+use crate::{backend::Backend, family::Family, ruleset::Table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,6 +24,11 @@ pub enum Error {
         "IPv6 rules are needed ({why}) but no ip6tables-legacy-save or ip6tables-nft-save is installed; install ip6tables or pass --ipv6 off"
     )]
     Ip6tablesMissing { why: &'static str },
+
+    #[error(
+        "IPv6 is enabled in this namespace but not redirected (--ipv6 {mode}), so inbound IPv6 TCP must be refused, and no ip6tables-legacy-save or ip6tables-nft-save is installed; install ip6tables, or disable IPv6 in the pod (net.ipv6.conf.all.disable_ipv6=1)"
+    )]
+    Ip6tablesMissingForRefusal { mode: &'static str },
 
     #[error("cannot read /proc/net/if_inet6 to detect IPv6 (pass --ipv6 on or off): {0}")]
     ReadIfInet6(#[source] io::Error),
@@ -63,10 +68,13 @@ pub enum Error {
         stderr: String,
     },
 
-    #[error("{program} rejected the {family} rules ({status}): {stderr}; the {family} nat table is unchanged{hint}")]
+    #[error(
+        "{program} rejected the {family} rules ({status}): {stderr}; the {family} {table} table is unchanged{hint}"
+    )]
     RestoreFailed {
         program: String,
         family: Family,
+        table: Table,
         status: String,
         stderr: String,
         hint: &'static str,

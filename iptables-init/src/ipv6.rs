@@ -18,6 +18,15 @@ pub fn has_global_address(if_inet6: &str) -> bool {
     })
 }
 
+/// True if any interface but `lo` has an IPv6 address of any scope (link-local included): then
+/// a neighbour can reach the pod over IPv6, and unless IPv6 is redirected it must be refused.
+pub fn has_non_loopback_address(if_inet6: &str) -> bool {
+    if_inet6.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        matches!(fields.as_slice(), [_addr, _index, _prefix, _scope, _flags, name] if *name != "lo")
+    })
+}
+
 /// The current namespace's IPv6 addresses, or `None` when the kernel has IPv6 disabled
 /// (the file is then absent).
 pub fn read_if_inet6() -> io::Result<Option<String>> {
@@ -56,6 +65,15 @@ fe80000000000000b0c1d2fffee3f4a5 02 40 20 80     eth0
     #[test]
     fn a_global_scope_on_lo_does_not_count() {
         assert!(!has_global_address("20010db8000000000000000000000005 01 80 00 80 lo\n"));
+    }
+
+    #[test]
+    fn a_link_local_address_makes_the_pod_reachable_over_ipv6() {
+        assert!(has_non_loopback_address(LO_AND_LINK_LOCAL));
+        assert!(!has_non_loopback_address(
+            "00000000000000000000000000000001 01 80 10 80 lo\n"
+        ));
+        assert!(!has_non_loopback_address(""));
     }
 
     #[test]

@@ -11,17 +11,20 @@
 use crate::{
     config::RedirectPolicy,
     family::Family,
-    ruleset::{NatRuleset, SavedRule, is_ours},
+    ruleset::{Ruleset, SavedRule, Table, is_ours},
 };
 
 pub const INBOUND_CHAIN: &str = "PILLION_PREROUTING";
 pub const OUTBOUND_CHAIN: &str = "PILLION_OUTPUT";
 
 /// Where each of our chains is entered from, and the comment on that jump.
-struct Hook {
-    builtin: &'static str,
-    chain: &'static str,
-    comment: &'static str,
+pub struct Hook {
+    pub builtin: &'static str,
+    pub chain: &'static str,
+    pub comment: &'static str,
+    /// Insert the jump first in the built-in chain rather than append it: for a jump that must
+    /// come before any foreign verdict (a refusal that an earlier ACCEPT would defeat).
+    pub first: bool,
 }
 
 const HOOKS: [Hook; 2] = [
@@ -29,22 +32,35 @@ const HOOKS: [Hook; 2] = [
         builtin: "PREROUTING",
         chain: INBOUND_CHAIN,
         comment: "send inbound traffic through PILLION_PREROUTING",
+        first: false,
     },
     Hook {
         builtin: "OUTPUT",
         chain: OUTBOUND_CHAIN,
         comment: "send outbound traffic through PILLION_OUTPUT",
+        first: false,
     },
 ];
 
 /// The restore input that installs (or reconciles) the rules for one family.
-pub fn install(policy: &RedirectPolicy, family: Family, existing: &NatRuleset) -> String {
-    let mut out = String::from("*nat\n");
-    for hook in &HOOKS {
+pub fn install(policy: &RedirectPolicy, family: Family, existing: &Ruleset) -> String {
+    let body: Vec<String> = inbound_rules(policy)
+        .into_iter()
+        .chain(outbound_rules(policy, family))
+        .collect();
+    render(Table::Nat, &HOOKS, existing, &body)
+}
+
+/// One transaction that makes `table` hold exactly our `hooks`' chains with `body` in them: the
+/// chains declared (created or flushed), stale jumps and chains of ours removed, the body
+/// appended, and each hook's jump added unless it is already there.
+pub fn render(table: Table, hooks: &[Hook], existing: &Ruleset, body: &[String]) -> String {
+    let mut out = format!("*{table}\n");
+    for hook in hooks {
         out.push_str(&format!(":{} - [0:0]\n", hook.chain));
     }
 
-    let (kept, stale_jumps) = reconcile_jumps(existing);
+    let (kept, stale_jumps) = reconcile_jumps(existing, hooks);
     for rule in stale_jumps {
         out.push_str(&format!("-D {} {}\n", rule.chain, rule.spec));
     }
@@ -52,7 +68,7 @@ pub fn install(policy: &RedirectPolicy, family: Family, existing: &NatRuleset) -
     // they may refer to each other.
     let stale_chains: Vec<&str> = existing
         .our_chains()
-        .filter(|c| !HOOKS.iter().any(|h| h.chain == *c))
+        .filter(|c| !hooks.iter().any(|h| h.chain == *c))
         .collect();
     for chain in &stale_chains {
         out.push_str(&format!("-F {chain}\n"));
@@ -61,14 +77,19 @@ pub fn install(policy: &RedirectPolicy, family: Family, existing: &NatRuleset) -
         out.push_str(&format!("-X {chain}\n"));
     }
 
-    for rule in inbound_rules(policy).into_iter().chain(outbound_rules(policy, family)) {
-        out.push_str(&rule);
+    for rule in body {
+        out.push_str(rule);
         out.push('\n');
     }
-    for (hook, present) in HOOKS.iter().zip(kept) {
+    for (hook, present) in hooks.iter().zip(kept) {
         if !present {
-            out.push_str(&rule(hook.builtin, "", hook.comment, &format!("-j {}", hook.chain)));
-            out.push('\n');
+            // `-I CHAIN 1` reads back from iptables-save as an `-A CHAIN` line, the first one.
+            let position = match hook.first {
+                true => format!("-I {} 1", hook.builtin),
+                false => format!("-A {}", hook.builtin),
+            };
+            let spec = format!("-m comment --comment \"pillion: {}\" -j {}", hook.comment, hook.chain);
+            out.push_str(&format!("{position} {spec}\n"));
         }
     }
     out.push_str("COMMIT\n");
@@ -77,21 +98,21 @@ pub fn install(policy: &RedirectPolicy, family: Family, existing: &NatRuleset) -
 
 /// Which hooks already have their jump (to keep), and which jumps into our chains must go:
 /// duplicates, conditional variants and jumps to chains we no longer use.
-fn reconcile_jumps(existing: &NatRuleset) -> ([bool; 2], Vec<&SavedRule>) {
-    let mut kept = [false; 2];
+fn reconcile_jumps<'a>(existing: &'a Ruleset, hooks: &[Hook]) -> (Vec<bool>, Vec<&'a SavedRule>) {
+    let mut kept = vec![false; hooks.len()];
     let mut stale = Vec::new();
     for rule in existing.rules.iter().filter(|r| !is_ours(&r.chain)) {
         let Some(target) = rule.target().filter(|t| is_ours(t)) else {
             continue;
         };
-        match HOOKS.iter().position(|h| h.builtin == rule.chain) {
-            Some(i) if !kept[i] && target == HOOKS[i].chain && rule.is_unconditional() => {
+        match hooks.iter().position(|h| h.builtin == rule.chain) {
+            Some(i) if !kept[i] && target == hooks[i].chain && rule.is_unconditional() => {
                 kept[i] = true;
             }
             Some(_) => stale.push(rule),
             // A foreign chain jumping into one of ours is left alone, unless that chain is
             // about to be deleted (the delete would fail while it is referenced).
-            None if !HOOKS.iter().any(|h| h.chain == target) => stale.push(rule),
+            None if !hooks.iter().any(|h| h.chain == target) => stale.push(rule),
             None => {}
         }
     }
@@ -177,7 +198,7 @@ fn outbound_rules(policy: &RedirectPolicy, family: Family) -> Vec<String> {
 
 /// One `-A` line, written the way iptables-save prints it back (matches, comment, target), so
 /// the dry-run output and the live ruleset read the same. Comments must not contain `'` or `"`.
-fn rule(chain: &str, matches: &str, comment: &str, target: &str) -> String {
+pub fn rule(chain: &str, matches: &str, comment: &str, target: &str) -> String {
     let matches = if matches.is_empty() {
         String::new()
     } else {
@@ -222,33 +243,33 @@ mod tests {
 
     #[test]
     fn defaults_v4() {
-        let out = install(&defaults(), Family::V4, &NatRuleset::default());
+        let out = install(&defaults(), Family::V4, &Ruleset::default());
         assert_golden("defaults_v4.rules", &out);
     }
 
     #[test]
     fn defaults_v6() {
-        let out = install(&defaults(), Family::V6, &NatRuleset::default());
+        let out = install(&defaults(), Family::V6, &Ruleset::default());
         assert_golden("defaults_v6.rules", &out);
     }
 
     #[test]
     fn everything_set_v4_gets_only_v4_subnets() {
-        let out = install(&everything(), Family::V4, &NatRuleset::default());
+        let out = install(&everything(), Family::V4, &Ruleset::default());
         assert_golden("everything_v4.rules", &out);
         assert!(!out.contains("fd00::/8"));
     }
 
     #[test]
     fn everything_set_v6_gets_only_v6_subnets() {
-        let out = install(&everything(), Family::V6, &NatRuleset::default());
+        let out = install(&everything(), Family::V6, &Ruleset::default());
         assert_golden("everything_v6.rules", &out);
         assert!(!out.contains("10.0.0.0/8"));
     }
 
     #[test]
     fn rerun_with_jumps_present_adds_no_jumps() {
-        let existing = NatRuleset::parse(&testdata("installed_v4.save"));
+        let existing = Ruleset::parse(&testdata("installed_v4.save"));
         let out = install(&defaults(), Family::V4, &existing);
         assert_golden("rerun_v4.rules", &out);
         assert!(!out.contains("-A PREROUTING"));
@@ -258,7 +279,7 @@ mod tests {
 
     #[test]
     fn reconcile_removes_duplicates_conditional_jumps_and_old_chains() {
-        let existing = NatRuleset::parse(&testdata("messy_v4.save"));
+        let existing = Ruleset::parse(&testdata("messy_v4.save"));
         let out = install(&defaults(), Family::V4, &existing);
         assert_golden("reconcile_v4.rules", &out);
     }
@@ -266,7 +287,7 @@ mod tests {
     #[test]
     fn every_rule_carries_a_pillion_comment() {
         for family in [Family::V4, Family::V6] {
-            let out = install(&everything(), family, &NatRuleset::default());
+            let out = install(&everything(), family, &Ruleset::default());
             for line in out.lines().filter(|l| l.starts_with("-A")) {
                 assert!(line.contains("-m comment --comment \"pillion: "), "{line}");
                 assert!(!line.contains('\''), "{line}");
@@ -277,8 +298,8 @@ mod tests {
     #[test]
     fn installed_output_parses_back_to_itself() {
         // What we print must read back as the same chains and jumps we reconcile against.
-        let out = install(&defaults(), Family::V4, &NatRuleset::default());
-        let parsed = NatRuleset::parse(&out);
+        let out = install(&defaults(), Family::V4, &Ruleset::default());
+        let parsed = Ruleset::parse(&out);
         assert_eq!(parsed.user_chains, [INBOUND_CHAIN, OUTBOUND_CHAIN]);
         let again = install(&defaults(), Family::V4, &parsed);
         assert!(!again.contains("-A PREROUTING") && !again.contains("-A OUTPUT"));

@@ -1,4 +1,6 @@
-//! Reading `iptables-save -t nat` output: which chains exist, which rules, and where they jump.
+//! Reading `iptables-save -t <table>` output: which chains exist, which rules, and where they
+//! jump. The nat table holds the redirects; the IPv6 filter table holds the refusal of inbound
+//! IPv6 when IPv6 is not redirected.
 //!
 //! This is the "what already exists" input of the pure rule generators, and the ground truth
 //! for backend choice (count real `-A` rules: a listed-but-empty table means nothing) and for
@@ -12,9 +14,31 @@ pub fn is_ours(chain: &str) -> bool {
     chain.starts_with(CHAIN_PREFIX)
 }
 
-/// The nat table as one `*-save -t nat` call printed it.
+/// The netfilter tables we write to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    Nat,
+    Filter,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Nat => "nat",
+            Table::Filter => "filter",
+        }
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One table as one `*-save -t <table>` call printed it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NatRuleset {
+pub struct Ruleset {
     /// User-defined chains (those declared with `-` as policy), in save order.
     pub user_chains: Vec<String>,
     pub rules: Vec<SavedRule>,
@@ -30,16 +54,23 @@ pub struct SavedRule {
     pub words: Vec<String>,
 }
 
-impl NatRuleset {
-    pub fn parse(save_output: &str) -> NatRuleset {
-        let mut ruleset = NatRuleset::default();
-        let mut in_nat = false;
+impl Ruleset {
+    /// The nat table in `save_output`.
+    pub fn parse(save_output: &str) -> Ruleset {
+        Ruleset::parse_table(save_output, Table::Nat)
+    }
+
+    /// `table` in `save_output`; other tables' lines are ignored.
+    pub fn parse_table(save_output: &str, table: Table) -> Ruleset {
+        let header = format!("*{table}");
+        let mut ruleset = Ruleset::default();
+        let mut in_table = false;
         for line in save_output.lines().map(str::trim_end) {
             if line.starts_with('*') {
-                in_nat = line == "*nat";
+                in_table = line == header;
             } else if line == "COMMIT" {
-                in_nat = false;
-            } else if !in_nat {
+                in_table = false;
+            } else if !in_table {
                 continue;
             } else if let Some(decl) = line.strip_prefix(':') {
                 // `:NAME POLICY [packets:bytes]`; built-in chains have a real policy.
@@ -174,23 +205,30 @@ COMMIT
 
     #[test]
     fn reads_only_the_nat_table() {
-        let rs = NatRuleset::parse(SAVE);
+        let rs = Ruleset::parse(SAVE);
         assert_eq!(rs.user_chains, ["PILLION_OUTPUT", "app-chain"]);
         assert_eq!(rs.rule_count(), 4);
         assert_eq!(rs.our_chains().collect::<Vec<_>>(), ["PILLION_OUTPUT"]);
     }
 
     #[test]
+    fn reads_the_filter_table_when_asked() {
+        let rs = Ruleset::parse_table(SAVE, Table::Filter);
+        assert_eq!(rs.rule_count(), 1);
+        assert_eq!(rs.rules[0].chain, "INPUT");
+    }
+
+    #[test]
     fn empty_and_merely_listed_tables_have_no_rules() {
         let listed = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
-        assert_eq!(NatRuleset::parse(listed).rule_count(), 0);
-        assert_eq!(NatRuleset::parse("").rule_count(), 0);
-        assert_eq!(NatRuleset::parse("garbage\n-A OUTPUT -j X\n").rule_count(), 0);
+        assert_eq!(Ruleset::parse(listed).rule_count(), 0);
+        assert_eq!(Ruleset::parse("").rule_count(), 0);
+        assert_eq!(Ruleset::parse("garbage\n-A OUTPUT -j X\n").rule_count(), 0);
     }
 
     #[test]
     fn rules_keep_their_spec_verbatim_and_split_quoted_words() {
-        let rs = NatRuleset::parse(SAVE);
+        let rs = Ruleset::parse(SAVE);
         let owner = &rs.rules[2];
         assert_eq!(owner.chain, "PILLION_OUTPUT");
         assert_eq!(
@@ -204,13 +242,13 @@ COMMIT
 
     #[test]
     fn unconditional_means_only_a_comment_and_a_target() {
-        let rs = NatRuleset::parse(SAVE);
+        let rs = Ruleset::parse(SAVE);
         assert!(rs.rules[0].is_unconditional());
         assert_eq!(rs.rules[0].target(), Some("PILLION_OUTPUT"));
         assert!(!rs.rules[1].is_unconditional());
-        let bare = NatRuleset::parse("*nat\n-A PREROUTING -j PILLION_PREROUTING\nCOMMIT\n");
+        let bare = Ruleset::parse("*nat\n-A PREROUTING -j PILLION_PREROUTING\nCOMMIT\n");
         assert!(bare.rules[0].is_unconditional());
-        let tcp = NatRuleset::parse("*nat\n-A PREROUTING -p tcp -j PILLION_PREROUTING\nCOMMIT\n");
+        let tcp = Ruleset::parse("*nat\n-A PREROUTING -p tcp -j PILLION_PREROUTING\nCOMMIT\n");
         assert!(!tcp.rules[0].is_unconditional());
     }
 }

@@ -27,8 +27,9 @@ use crate::{
     config::RedirectPolicy,
     error::Error,
     family::Family,
+    guard::GUARD_CHAIN,
     rules::INBOUND_CHAIN,
-    ruleset::NatRuleset,
+    ruleset::{Ruleset, Table},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -51,7 +52,7 @@ pub fn validate(backend: Backend, family: Family, policy: &RedirectPolicy) -> Re
     let fail = |reason: String| Error::Validation { family, reason };
     check_not_exempt(policy).map_err(fail)?;
 
-    let live = NatRuleset::parse(&backend::save_nat(backend, family)?);
+    let live = Ruleset::parse(&backend::save_nat(backend, family)?);
     check_inbound_rules(&live, policy.inbound_port).map_err(fail)?;
     bind_listener(family, policy.inbound_port)
         .map_err(|e| fail(format!("the inbound port {} cannot be bound: {e}", policy.inbound_port)))?;
@@ -64,6 +65,30 @@ pub fn validate(backend: Backend, family: Family, policy: &RedirectPolicy) -> Re
         "{family}: outbound TCP to {target} arrived at port {}; inbound rules redirect to port {}",
         policy.outbound_port, policy.inbound_port
     ))
+}
+
+/// IPv6 not redirected: the live filter table must refuse inbound IPv6 TCP. (Proving it with a
+/// packet would need one from outside the namespace, like the inbound redirect.)
+pub fn validate_refusal(backend: Backend) -> Result<String, Error> {
+    let family = Family::V6;
+    let live = Ruleset::parse_table(&backend::save(backend, family, Table::Filter)?, Table::Filter);
+    check_refusal_rules(&live).map_err(|reason| Error::Validation { family, reason })?;
+    Ok(format!(
+        "{family}: not redirected, and INPUT first sends it to {GUARD_CHAIN}, which refuses inbound TCP"
+    ))
+}
+
+/// INPUT must enter our chain first and unconditionally; our chain must end refusing TCP.
+fn check_refusal_rules(live: &Ruleset) -> Result<(), String> {
+    let first = live.rules_in("INPUT").next();
+    if !first.is_some_and(|r| r.target() == Some(GUARD_CHAIN) && r.is_unconditional()) {
+        return Err(format!("INPUT does not start with a jump to {GUARD_CHAIN}"));
+    }
+    let last = live.rules_in(GUARD_CHAIN).last();
+    if !last.is_some_and(|r| r.target() == Some("REJECT") && r.option("-p") == Some("tcp")) {
+        return Err(format!("{GUARD_CHAIN} does not end by refusing TCP"));
+    }
+    Ok(())
 }
 
 /// The probe must be subject to the rules: the proxy's own uid/gid are exempt by design.
@@ -80,7 +105,7 @@ fn check_not_exempt(policy: &RedirectPolicy) -> Result<(), String> {
 }
 
 /// PREROUTING must enter our chain unconditionally, and our chain must end in the redirect.
-fn check_inbound_rules(live: &NatRuleset, inbound_port: u16) -> Result<(), String> {
+fn check_inbound_rules(live: &Ruleset, inbound_port: u16) -> Result<(), String> {
     if !live
         .rules_in("PREROUTING")
         .any(|r| r.target() == Some(INBOUND_CHAIN) && r.is_unconditional())
@@ -223,8 +248,8 @@ mod tests {
 
     #[test]
     fn installed_rules_pass_the_inbound_check() {
-        let text = rules::install(&policy(), Family::V4, &NatRuleset::default());
-        let live = NatRuleset::parse(&text);
+        let text = rules::install(&policy(), Family::V4, &Ruleset::default());
+        let live = Ruleset::parse(&text);
         assert_eq!(check_inbound_rules(&live, 4143), Ok(()));
         assert!(check_inbound_rules(&live, 4000).unwrap_err().contains("port 4000"));
     }
@@ -234,14 +259,26 @@ mod tests {
         let no_jump = "*nat\n:PILLION_PREROUTING - [0:0]\n\
                        -A PILLION_PREROUTING -p tcp -j REDIRECT --to-ports 4143\nCOMMIT\n";
         assert!(
-            check_inbound_rules(&NatRuleset::parse(no_jump), 4143)
+            check_inbound_rules(&Ruleset::parse(no_jump), 4143)
                 .unwrap_err()
                 .contains("no jump")
         );
         let no_redirect = "*nat\n:PILLION_PREROUTING - [0:0]\n-A PREROUTING -j PILLION_PREROUTING\n\
                            -A PILLION_PREROUTING -p tcp -j RETURN\nCOMMIT\n";
-        assert!(check_inbound_rules(&NatRuleset::parse(no_redirect), 4143).is_err());
-        assert!(check_inbound_rules(&NatRuleset::default(), 4143).is_err());
+        assert!(check_inbound_rules(&Ruleset::parse(no_redirect), 4143).is_err());
+        assert!(check_inbound_rules(&Ruleset::default(), 4143).is_err());
+    }
+
+    #[test]
+    fn the_refusal_check_reads_the_installed_guard_back() {
+        let installed = crate::guard::install(&policy(), &Ruleset::default()).replace("-I INPUT 1 ", "-A INPUT ");
+        assert_eq!(
+            check_refusal_rules(&Ruleset::parse_table(&installed, Table::Filter)),
+            Ok(())
+        );
+        let foreign_first = installed.replacen("-A INPUT ", "-A INPUT -p udp -j ACCEPT\n-A INPUT ", 1);
+        assert!(check_refusal_rules(&Ruleset::parse_table(&foreign_first, Table::Filter)).is_err());
+        assert!(check_refusal_rules(&Ruleset::default()).is_err());
     }
 
     #[test]

@@ -17,9 +17,11 @@ use std::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_pillion-iptables-init");
 
-/// What these tests run besides the binary: `ip`, and both backends' tools for both families.
-const REQUIRED_TOOLS: [&str; 9] = [
+/// What these tests run besides the binary: `ip`, `sysctl`, and both backends' tools for both
+/// families.
+const REQUIRED_TOOLS: [&str; 10] = [
     "ip",
+    "sysctl",
     "iptables-nft-save",
     "iptables-nft-restore",
     "ip6tables-nft-save",
@@ -160,7 +162,12 @@ impl Netns {
 
     /// `<tool> -t nat` without comment lines (timestamps, warnings) and with counters zeroed.
     fn save(&self, tool: &str) -> String {
-        self.ok(&[tool, "-t", "nat"])
+        self.save_table(tool, "nat")
+    }
+
+    /// `<tool> -t <table>`, cleaned like [`Netns::save`].
+    fn save_table(&self, tool: &str, table: &str) -> String {
+        self.ok(&[tool, "-t", table])
             .lines()
             .filter(|l| !l.starts_with('#'))
             .map(|l| match (l.starts_with(':'), l.find('[')) {
@@ -170,16 +177,19 @@ impl Netns {
             .collect()
     }
 
-    /// Every nat table the binary could touch, for "nothing changed" comparisons.
+    /// Every table the binary could touch (nat, and IPv6 filter), for "nothing changed"
+    /// comparisons.
     fn save_all(&self) -> String {
         [
-            "iptables-nft-save",
-            "ip6tables-nft-save",
-            "iptables-legacy-save",
-            "ip6tables-legacy-save",
+            ("iptables-nft-save", "nat"),
+            ("ip6tables-nft-save", "nat"),
+            ("ip6tables-nft-save", "filter"),
+            ("iptables-legacy-save", "nat"),
+            ("ip6tables-legacy-save", "nat"),
+            ("ip6tables-legacy-save", "filter"),
         ]
         .iter()
-        .map(|tool| format!("== {tool}\n{}", self.save(tool)))
+        .map(|(tool, table)| format!("== {tool} -t {table}\n{}", self.save_table(tool, table)))
         .collect()
     }
 
@@ -498,4 +508,98 @@ fn a_family_that_fails_rolls_back_the_families_already_applied() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     assert_eq!(ns.save_all(), before);
+}
+
+const INPUT_JUMP: &str = "-A INPUT -m comment --comment \"pillion: IPv6 is not redirected: inbound IPv6 TCP goes through PILLION_INPUT\" -j PILLION_INPUT";
+const REFUSAL: &str = "-A PILLION_INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment \"pillion: refuse inbound IPv6 TCP, which would bypass the proxy\" -j REJECT --reject-with tcp-reset";
+
+/// The `-A` lines of a saved table, in order.
+fn rules(saved: &str) -> Vec<&str> {
+    saved.lines().filter(|l| l.starts_with("-A ")).collect()
+}
+
+#[test]
+fn ipv6_that_is_not_redirected_is_refused_and_a_rerun_changes_nothing() {
+    require_root!();
+    // Link-local IPv6 only: auto does not redirect IPv6, but a neighbour could still use it.
+    let ns = Netns::new();
+    ns.restore(
+        "ip6tables-nft-restore",
+        "*filter\n-A INPUT -p tcp -m tcp --dport 8080 -m comment --comment \"the app's own\" -j ACCEPT\nCOMMIT\n",
+    );
+    let out = ns.init_ok(&[]);
+    assert!(
+        out.contains("IPv6 is not redirected: inbound IPv6 TCP is refused with ip6tables-nft"),
+        "{out}"
+    );
+    let filter = ns.save_table("ip6tables-nft-save", "filter");
+    let installed = rules(&filter);
+    // Our jump comes first, before the foreign ACCEPT that would otherwise let the SYN through.
+    assert_eq!(installed.first(), Some(&INPUT_JUMP), "{filter}");
+    assert!(installed[1].contains("--dport 8080"), "{filter}");
+    assert_eq!(
+        installed[2..].to_vec(),
+        [
+            "-A PILLION_INPUT -i lo -m comment --comment \"pillion: loopback stays open\" -j RETURN",
+            "-A PILLION_INPUT -p tcp -m tcp --dport 4191 -m comment --comment \"pillion: inbound port 4191 skips the proxy\" -j RETURN",
+            REFUSAL,
+        ],
+        "{filter}"
+    );
+    assert_eq!(count(&ns.save("ip6tables-nft-save"), "-A "), 0, "no IPv6 redirects");
+
+    ns.init_ok(&[]);
+    assert_eq!(
+        ns.save_table("ip6tables-nft-save", "filter"),
+        filter,
+        "a re-run must change nothing"
+    );
+    let validated = ns.init_ok(&["--validate"]);
+    assert!(
+        validated.contains("validated IPv6: not redirected, and INPUT first sends it to PILLION_INPUT"),
+        "{validated}"
+    );
+
+    // Cleanup removes ours and keeps the foreign rule.
+    ns.init_ok(&["--cleanup"]);
+    let after = ns.save_table("ip6tables-nft-save", "filter");
+    assert_eq!(rules(&after).len(), 1, "{after}");
+    assert!(!after.contains("PILLION_"), "{after}");
+}
+
+#[test]
+fn switching_ipv6_redirection_on_and_off_reconciles_both_tables() {
+    require_root!();
+    let ns = Netns::dual_stack();
+    let v6 = |table| ns.save_table("ip6tables-nft-save", table);
+
+    ns.init_ok(&["--ipv6", "off"]);
+    assert_eq!(count(&v6("filter"), INPUT_JUMP), 1);
+    assert!(!v6("nat").contains("PILLION_"));
+
+    // On: the IPv6 redirects arrive and the refusal goes.
+    let out = ns.init_ok(&["--ipv6", "on"]);
+    assert!(out.contains("removed from ip6tables-nft"), "{out}");
+    assert_eq!(count(&v6("nat"), PREROUTING_JUMP), 1);
+    assert!(!v6("filter").contains("PILLION_"), "{}", v6("filter"));
+
+    // Off again: the other way round.
+    let out = ns.init_ok(&["--ipv6", "off"]);
+    assert!(out.contains("IPv6 redirects of an earlier run removed"), "{out}");
+    assert!(!v6("nat").contains("PILLION_"), "{}", v6("nat"));
+    assert_eq!(count(&v6("filter"), INPUT_JUMP), 1);
+    assert_eq!(count(&v6("filter"), REFUSAL), 1);
+}
+
+#[test]
+fn without_ipv6_nothing_is_refused() {
+    require_root!();
+    let ns = Netns::new();
+    // IPv6 off on every interface: nothing can arrive over it, so nothing is installed for it.
+    ns.ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    ns.ok(&["sysctl", "-qw", "net.ipv6.conf.veth0.disable_ipv6=1"]);
+    ns.ok(&["sysctl", "-qw", "net.ipv6.conf.veth1.disable_ipv6=1"]);
+    let out = ns.init_ok(&[]);
+    assert!(!out.contains("IPv6"), "{out}");
+    assert!(!ns.save_table("ip6tables-nft-save", "filter").contains("PILLION_"));
 }

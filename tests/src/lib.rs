@@ -33,11 +33,12 @@ pub mod traffic;
 
 use std::time::{Duration, Instant};
 
-/// Programs every namespace test runs: `ip` (namespaces, veth), `setpriv` (the proxy's UID), the
-/// iptables tools the init container calls (it finds them in the sbin directories too), and
-/// `curl` (the HTTP client of the L7 tests).
-pub const REQUIRED_TOOLS: [&str; 7] = [
+/// Programs every namespace test runs: `ip` (namespaces, veth), `sysctl` (forwarding, IPv6 off),
+/// `setpriv` (the proxy's UID), the iptables tools the init container calls (it finds them in
+/// the sbin directories too), and `curl` (the HTTP client of the L7 tests).
+pub const REQUIRED_TOOLS: [&str; 8] = [
     "ip",
+    "sysctl",
     "setpriv",
     "iptables-nft-restore",
     "iptables-nft-save",
