@@ -157,6 +157,7 @@ mod tests {
             (OUTBOUND_PORTS_TO_IGNORE, "5432".into()),
             (OUTBOUND_SUBNETS_TO_IGNORE, "169.254.169.254/32, fd00::/8".into()),
             (PROXY_LOG_LEVEL, "warn,pillion_proxy=debug".into()),
+            (IPV6, "off".into()),
             ("pillion.io/proxy-loglevel", "debug".into()),
         ]);
         assert_eq!(
@@ -168,6 +169,7 @@ mod tests {
                 outbound_ports_to_ignore: Some("5432".into()),
                 outbound_subnets_to_ignore: Some("169.254.169.254/32,fd00::/8".into()),
                 proxy_log_level: Some("warn,pillion_proxy=debug".into()),
+                ipv6: Some("off".into()),
                 unknown: vec!["pillion.io/proxy-loglevel".into()],
             }
         );
@@ -183,6 +185,7 @@ mod tests {
             (OUTBOUND_PORTS_TO_IGNORE, "90-80".into(), "starts after its end"),
             (OUTBOUND_SUBNETS_TO_IGNORE, "10.0.0.0/33".into(), "from 0 to 32"),
             (OUTBOUND_SUBNETS_TO_IGNORE, "metadata".into(), "not an IP address"),
+            (IPV6, "yes".into(), "not one of auto, on, off"),
             (PROXY_LOG_LEVEL, "info,[".into(), "not a log filter"),
         ] {
             let err = read(Some(&annotations(&[(key, value)]))).unwrap_err();
