@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::{config::Config, drain::Drain, identity::IdentityStore, logging::LogLevel, metrics::Metrics};
+use crate::{config::Config, drain::Drain, exposition, identity::IdentityStore, logging::LogLevel, metrics::Metrics};
 
 /// What the admin endpoints read and control.
 pub struct Admin {
@@ -51,7 +51,6 @@ impl Readiness {
 }
 
 const MAX_BODY: usize = 4 * 1024;
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
@@ -84,7 +83,13 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
 impl Admin {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
-        match (req.method(), path) {
+        // HEAD is answered wherever GET is: hyper sends the head (with Content-Length) and drops
+        // the body.
+        let method = match req.method() {
+            &Method::HEAD => &Method::GET,
+            method => method,
+        };
+        match (method, path) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => {
                 if self.is_ready() {
@@ -94,15 +99,30 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
+                let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                let openmetrics = exposition::wants_openmetrics(accept);
                 // Encoding takes milliseconds with many routes: off the data-path thread.
                 let metrics = self.metrics.clone();
-                let encoded = match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                let encoded = tokio::task::spawn_blocking(move || {
+                    let encoded = metrics.encode();
+                    if openmetrics {
+                        encoded
+                    } else {
+                        exposition::to_text_0_0_4(&encoded)
+                    }
+                });
+                let encoded = match encoded.await {
                     Ok(encoded) => encoded,
                     Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n"),
                 };
+                let content_type = if openmetrics {
+                    exposition::OPENMETRICS
+                } else {
+                    exposition::TEXT_0_0_4
+                };
                 let mut rsp = Response::new(Full::new(Bytes::from(encoded)));
                 rsp.headers_mut()
-                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(OPENMETRICS));
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
                 rsp
             }
             (&Method::GET, "/log-level") => text_owned(StatusCode::OK, format!("{}\n", self.log.current())),
@@ -135,6 +155,7 @@ impl Admin {
                     "config": &self.config,
                     "log": self.log.current(),
                     "control_plane": match &self.config.control_addr {
+                        // Values are spelt as in `/identity`'s `source` and the config's.
                         Some(addr) => json!({ "mode": "control-plane", "address": addr }),
                         None => json!({ "mode": "standalone" }),
                     },
@@ -152,9 +173,9 @@ impl Admin {
                 rsp
             }
             (&Method::GET, "/identity") => self.identity(),
-            (_, "/live" | "/ready" | "/metrics" | "/log-level" | "/shutdown" | "/config" | "/identity") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-            }
+            (_, "/live" | "/ready" | "/metrics" | "/config" | "/identity") => method_not_allowed("GET, HEAD"),
+            (_, "/log-level") => method_not_allowed("GET, HEAD, PUT"),
+            (_, "/shutdown") => method_not_allowed("POST"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
@@ -209,6 +230,14 @@ fn is_loopback(peer: SocketAddr) -> bool {
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     with_status(status, Bytes::from_static(body.as_bytes()))
+}
+
+/// 405 with the `Allow` header RFC 9110 requires.
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut rsp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    rsp.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    rsp
 }
 
 fn text_owned(status: StatusCode, body: String) -> Response<Full<Bytes>> {

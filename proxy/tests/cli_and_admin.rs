@@ -68,21 +68,24 @@ impl Proxy {
     }
 
     fn try_request(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+        let (status, _, body) = self.exchange(method, path, "", body)?;
+        Ok((status, body))
+    }
+
+    /// One request with extra header lines (`name: value\r\n` each): status, head, body.
+    fn exchange(&self, method: &str, path: &str, headers: &str, body: &str) -> std::io::Result<(u16, String, String)> {
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n{headers}content-length: {}\r\n\r\n{body}",
             body.len()
         )?;
         let mut rsp = String::new();
         s.read_to_string(&mut rsp)?;
         let status = rsp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = rsp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        let (head, body) = rsp.split_once("\r\n\r\n").unwrap_or((&rsp, ""));
+        Ok((status, head.to_ascii_lowercase(), body.to_string()))
     }
 
     fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
@@ -168,13 +171,36 @@ fn admin_endpoints() {
     assert_eq!(proxy.request("GET", "/live", ""), (200, "live\n".into()));
     assert_eq!(proxy.request("GET", "/ready", ""), (200, "ready\n".into()));
 
-    let (status, metrics) = proxy.request("GET", "/metrics", "");
+    // Without an OpenMetrics Accept: the classic text format, counters named with `_total`.
+    let (status, head, metrics) = proxy.exchange("GET", "/metrics", "", "").unwrap();
     assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
     assert!(
         metrics.contains("pillion_tcp_connections_opened_total{direction=\"inbound\"} 0"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("# TYPE pillion_tcp_connections_opened_total counter"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("# EOF") && !metrics.contains("# UNIT"), "{metrics}");
+    // What Prometheus sends: OpenMetrics.
+    let prometheus = "accept: application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n";
+    let (status, head, metrics) = proxy.exchange("GET", "/metrics", prometheus, "").unwrap();
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: application/openmetrics-text"), "{head}");
     assert!(metrics.trim_end().ends_with("# EOF"));
+
+    // HEAD wherever GET works; 405 names what does.
+    let (status, head, body) = proxy.exchange("HEAD", "/ready", "", "").unwrap();
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert!(head.contains("content-length: 6"), "{head}");
+    let (status, head, _) = proxy.exchange("DELETE", "/ready", "", "").unwrap();
+    assert_eq!(status, 405);
+    assert!(head.contains("allow: get, head"), "{head}");
+    let (status, head, _) = proxy.exchange("GET", "/shutdown", "", "").unwrap();
+    assert_eq!(status, 405);
+    assert!(head.contains("allow: post"), "{head}");
 
     let (status, config) = proxy.request("GET", "/config", "");
     assert_eq!(status, 200);
@@ -187,7 +213,6 @@ fn admin_endpoints() {
 
     assert_eq!(proxy.request("GET", "/identity", "").0, 404);
     assert_eq!(proxy.request("GET", "/nope", "").0, 404);
-    assert_eq!(proxy.request("DELETE", "/ready", "").0, 405);
 }
 
 #[test]
@@ -272,5 +297,73 @@ fn fixed_targets_proxy_without_iptables() {
     assert!(
         metrics.contains("pillion_tcp_connections_opened_total{direction=\"outbound\"} 1"),
         "{metrics}"
+    );
+}
+
+/// `promtool check metrics` over a scrape taken after HTTP and opaque traffic (so histograms and
+/// per-route families have samples). promtool comes with Debian's `prometheus` package; CI installs it.
+#[test]
+fn metrics_pass_promtool_and_count_http_bytes() {
+    let promtool = std::process::Command::new("promtool").arg("--version").output();
+    if promtool.is_err() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "promtool is required in CI (apt-get install prometheus)"
+        );
+        eprintln!("skipping: promtool not installed");
+        return;
+    }
+    // An HTTP/1.1 app answering every request with 200.
+    let app = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = app.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in app.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        }
+    });
+    let proxy = Proxy::start_with(&[("PILLION_OUTBOUND_TARGET", target.to_string())]);
+    let mut s = TcpStream::connect(proxy.outbound).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /hello HTTP/1.1\r\nhost: app.local\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut rsp = String::new();
+    s.read_to_string(&mut rsp).unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+
+    let (_, metrics) = proxy.request("GET", "/metrics", "");
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{direction=\"outbound\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // The request's 59 bytes were read from the client; the response went back to it.
+    assert!(counter("pillion_tcp_read_bytes_total") >= 59, "{metrics}");
+    assert!(counter("pillion_tcp_write_bytes_total") > 0, "{metrics}");
+    assert!(
+        metrics.contains("pillion_http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    check.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics:\n{}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

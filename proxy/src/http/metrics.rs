@@ -221,6 +221,19 @@ impl RouteMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_log_authority_falls_back_to_host() {
+        let entry = |uri: &str, host: Option<&'static str>| AccessEntry {
+            method: http::Method::GET,
+            uri: uri.parse().unwrap(),
+            host: host.map(http::HeaderValue::from_static),
+            version: http::Version::HTTP_11,
+        };
+        assert_eq!(entry("/a", Some("web.shop:8080")).authority(), Some("web.shop:8080"));
+        assert_eq!(entry("http://api:80/a", Some("other")).authority(), Some("api:80"));
+        assert_eq!(entry("/a", None).authority(), None);
+    }
     use prometheus_client::encoding::text::encode;
 
     #[test]
@@ -272,7 +285,19 @@ impl<S> tower::Layer<S> for MetricsLayer {
 struct AccessEntry {
     method: http::Method,
     uri: http::Uri,
+    /// HTTP/1's `Host` (origin-form requests carry the authority only there).
+    host: Option<http::HeaderValue>,
     version: http::Version,
+}
+
+impl AccessEntry {
+    /// The request's authority: the URI's (HTTP/2, absolute-form HTTP/1), else `Host`.
+    fn authority(&self) -> Option<&str> {
+        match self.uri.authority() {
+            Some(authority) => Some(authority.as_str()),
+            None => self.host.as_ref().and_then(|h| h.to_str().ok()),
+        }
+    }
 }
 
 impl<S> tower::Service<super::ProxyRequest> for Metered<S>
@@ -296,6 +321,7 @@ where
         let entry = self.access_log.then(|| AccessEntry {
             method: req.method().clone(),
             uri: req.uri().clone(),
+            host: req.headers().get(http::header::HOST).cloned(),
             version: req.version(),
         });
         MeteredFuture {
@@ -339,7 +365,7 @@ where
                     direction = direction.as_str(),
                     route = &*route.name,
                     method = %entry.method,
-                    authority = entry.uri.authority().map(|a| a.as_str()),
+                    authority = entry.authority(),
                     path = entry.uri.path(),
                     version = ?entry.version,
                     status = rsp.status().as_u16(),
