@@ -25,6 +25,7 @@ use crate::{
     detect::DetectSettings,
     discovery::{Discovery, DiscoverySettings},
     drain::Drain,
+    forward::ForwardSettings,
     http::{HttpProxy, HttpSettings, upstream::Pool},
     identity::{self, IdentityStore},
     inbound::Inbound,
@@ -97,6 +98,10 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         keepalive: config.tcp_keepalive,
     };
 
+    let forward = ForwardSettings {
+        connect,
+        idle_timeout: config.tcp_idle_timeout,
+    };
     let http_settings = HttpSettings {
         idle_timeout: config.http_idle_timeout,
         max_header_bytes: config.http_max_header_bytes,
@@ -127,7 +132,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     }
 
     let inbound = Arc::new(Inbound {
-        connect,
+        forward,
         metrics: metrics.tcp(Direction::Inbound),
         detect: detect(),
         http: http(Direction::Inbound),
@@ -154,7 +159,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     }
 
     let outbound = Arc::new(Outbound {
-        connect,
+        forward,
         metrics: metrics.tcp(Direction::Outbound),
         detect: detect(),
         http: http(Direction::Outbound),

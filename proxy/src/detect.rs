@@ -195,6 +195,11 @@ impl<I> PrefixedIo<I> {
     pub fn new(prefix: BytesMut, io: I) -> Self {
         PrefixedIo { prefix, io }
     }
+
+    /// The stream under the prefix (the forwarder resets its socket on failure).
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {

@@ -1,171 +1,316 @@
-//! Opaque TCP forwarding: bytes both ways, with the semantics of a real TCP path.
+//! Opaque TCP forwarding, the one forwarder for every path (inbound plain, inbound inside mesh
+//! TLS, outbound plain, outbound into mesh TLS): bytes both ways, with the semantics of a real
+//! TCP path, the same on each.
 //!
-//! - Half-close: EOF from one side becomes a FIN (`shutdown(Write)`) towards the other, and the
-//!   opposite direction keeps flowing until it ends too.
+//! - Upstream: connect (within the connect timeout), then mesh TLS when the target is meshed, then
+//!   the bytes read during protocol detection. Any failure resets the client: without a proxy
+//!   it would have been refused.
+//! - Half-close: EOF from one side becomes a FIN (`shutdown(Write)`, after TLS's close_notify)
+//!   towards the other, and the opposite direction keeps flowing until it ends too.
 //! - Reset: if either side fails, both sockets are closed with SO_LINGER 0 so the peers see a
 //!   reset rather than a clean end of stream they might mistake for a complete response.
+//! - Idle timeout: no byte either way for `idle_timeout` resets both sides, so connections whose
+//!   peers vanished, or that an app forgot, do not hold memory and a connection slot forever.
+//! - Counting: every chunk counts as it is read (`pillion_tcp_{read,write}_bytes_total`), so a
+//!   long-lived connection shows its traffic as it happens and a failed one still counts.
 //! - Backpressure: one bounded buffer per direction; we read again only after the previous chunk
-//!   was written, so a slow reader slows the writer instead of growing memory.
+//!   was written, so a slow reader slows the writer instead of growing memory. A buffer is
+//!   allocated only once its side has sent something, so an idle connection holds none.
 
-use std::{io, net::SocketAddr};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+    time::Instant,
 };
 
 use crate::{
+    detect::PrefixedIo,
+    mesh::{Mesh, Security},
     metrics::{Direction, TcpMetrics},
     transport::{self, ConnectSettings},
 };
 
-/// Per-direction buffer. Large enough that a bulk transfer needs few syscalls; allocated only
-/// once a side has data, so idle connections cost no buffer memory at all.
+/// Per-direction buffer. Large enough that a bulk transfer needs few syscalls.
 const BUFFER_SIZE: usize = 64 * 1024;
+/// The first read of a direction lands here, on the stack: the heap buffer comes with data.
+const FIRST_READ_SIZE: usize = 4 * 1024;
 
-/// Connects to `target` and forwards `client` to it opaquely; logs one line if anything fails.
-pub async fn proxy_opaque(
-    mut client: TcpStream,
+/// How opaque connections are forwarded.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardSettings {
+    pub connect: ConnectSettings,
+    /// No byte either way for this long: both sides are reset.
+    pub idle_timeout: Duration,
+}
+
+/// A stream the forwarder can reset: a TCP socket, or a layer (TLS, a detection prefix) over one.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
+    fn tcp(&self) -> &TcpStream;
+}
+
+/// Why forwarding stopped before both directions ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+}
+
+/// Forwards `client` to `target` (in mesh TLS when `security` says so), sending `prefix` first;
+/// logs one line if anything fails.
+#[allow(clippy::too_many_arguments)]
+pub async fn proxy_opaque<C: Socket>(
+    mut client: C,
     prefix: &[u8],
     peer: SocketAddr,
     target: SocketAddr,
     direction: Direction,
-    connect: ConnectSettings,
+    security: (Option<&Mesh>, Security),
+    settings: ForwardSettings,
     metrics: &TcpMetrics,
 ) {
-    let Some(mut server) = connect_with_prefix(target, prefix, peer, direction, connect, metrics).await else {
-        // Without a proxy the client would have been refused; a reset is the closest match.
-        transport::reset_on_close(&client);
-        return;
-    };
-    log_end(
-        forward(&mut client, &mut server, metrics).await,
-        peer,
-        target,
-        direction,
-    );
-}
-
-/// The same for a client stream that is not a plain socket (mesh TLS already terminated).
-pub async fn proxy_opaque_io<I>(
-    mut client: I,
-    prefix: &[u8],
-    peer: SocketAddr,
-    target: SocketAddr,
-    direction: Direction,
-    connect: ConnectSettings,
-    metrics: &TcpMetrics,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let Some(mut server) = connect_with_prefix(target, prefix, peer, direction, connect, metrics).await else {
-        return;
-    };
-    log_end(
-        forward_io(&mut client, &mut server, metrics).await,
-        peer,
-        target,
-        direction,
-    );
-}
-
-/// Connects upstream and sends the bytes read during protocol detection first.
-async fn connect_with_prefix(
-    target: SocketAddr,
-    prefix: &[u8],
-    peer: SocketAddr,
-    direction: Direction,
-    connect: ConnectSettings,
-    metrics: &TcpMetrics,
-) -> Option<TcpStream> {
-    let mut server = match transport::connect(target, connect).await {
+    let dir = direction.as_str();
+    let server = match transport::connect(target, settings.connect).await {
         Ok(server) => server,
         Err(error) => {
             metrics.connect_errors.inc();
-            tracing::warn!(direction = direction.as_str(), %peer, %target, %error, "upstream connect failed");
-            return None;
+            tracing::warn!(direction = dir, %peer, %target, %error, "upstream connect failed");
+            transport::reset_on_close(client.tcp());
+            return;
         }
     };
+    let result = match security {
+        (Some(mesh), Security::Mesh(id)) => match mesh.connect(server, &id).await {
+            Ok(mut tls) => relay(&mut client, &mut tls, prefix, settings.idle_timeout, metrics).await,
+            Err(error) => {
+                metrics.connect_errors.inc();
+                tracing::warn!(direction = dir, %peer, %target, %id, %error, "mesh TLS to the upstream failed");
+                transport::reset_on_close(client.tcp());
+                return;
+            }
+        },
+        _ => {
+            let mut server = server;
+            relay(&mut client, &mut server, prefix, settings.idle_timeout, metrics).await
+        }
+    };
+    match result {
+        Ok((sent, received)) => {
+            tracing::debug!(direction = dir, %peer, %target, sent, received, "connection closed");
+        }
+        Err(error) => tracing::info!(direction = dir, %peer, %target, %error, "connection aborted"),
+    }
+}
+
+/// Sends `prefix` upstream, then forwards.
+async fn relay<C: Socket, S: Socket>(
+    client: &mut C,
+    server: &mut S,
+    prefix: &[u8],
+    idle_timeout: Duration,
+    metrics: &TcpMetrics,
+) -> Result<(u64, u64), ForwardError> {
     if !prefix.is_empty() {
         if let Err(error) = server.write_all(prefix).await {
-            tracing::info!(direction = direction.as_str(), %peer, %target, %error, "connection aborted");
-            return None;
+            reset_both(client, server);
+            return Err(error.into());
         }
         metrics.read_bytes.inc_by(prefix.len() as u64);
     }
-    Some(server)
-}
-
-fn log_end(result: io::Result<(u64, u64)>, peer: SocketAddr, target: SocketAddr, direction: Direction) {
-    match result {
-        Ok((sent, received)) => {
-            tracing::debug!(direction = direction.as_str(), %peer, %target, sent, received, "connection closed");
-        }
-        Err(error) => {
-            tracing::info!(direction = direction.as_str(), %peer, %target, %error, "connection aborted");
-        }
-    }
-}
-
-/// Forwards between any two streams (used when one side is TLS); bytes are counted at the end.
-pub async fn forward_io<A, B>(client: &mut A, server: &mut B, metrics: &TcpMetrics) -> io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    let (sent, received) = tokio::io::copy_bidirectional_with_sizes(client, server, BUFFER_SIZE, BUFFER_SIZE).await?;
-    metrics.read_bytes.inc_by(sent);
-    metrics.write_bytes.inc_by(received);
-    Ok((sent, received))
+    forward(client, server, idle_timeout, metrics).await
 }
 
 /// Forwards until both directions have ended; returns (client→server, server→client) bytes.
-pub async fn forward(client: &mut TcpStream, server: &mut TcpStream, metrics: &TcpMetrics) -> io::Result<(u64, u64)> {
-    let result = {
-        let (mut client_read, mut client_write) = client.split();
-        let (mut server_read, mut server_write) = server.split();
-        tokio::try_join!(
-            copy_until_eof(&mut client_read, &mut server_write, &metrics.read_bytes),
-            copy_until_eof(&mut server_read, &mut client_write, &metrics.write_bytes),
-        )
-    };
+/// On an error or the idle timeout, both sides are reset.
+pub async fn forward<C: Socket, S: Socket>(
+    client: &mut C,
+    server: &mut S,
+    idle_timeout: Duration,
+    metrics: &TcpMetrics,
+) -> Result<(u64, u64), ForwardError> {
+    let mut up = OneWay::new(&metrics.read_bytes);
+    let mut down = OneWay::new(&metrics.write_bytes);
+    let mut last_active = Instant::now();
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    let result = std::future::poll_fn(|cx| {
+        let (a, b) = (up.moved, down.moved);
+        let up_done = up.poll(cx, &mut *client, &mut *server)?;
+        let down_done = down.poll(cx, &mut *server, &mut *client)?;
+        if let (Poll::Ready(sent), Poll::Ready(received)) = (up_done, down_done) {
+            return Poll::Ready(Ok((sent, received)));
+        }
+        if (a, b) != (up.moved, down.moved) {
+            last_active = Instant::now();
+        }
+        // The timer is moved only when it fires, not on every chunk.
+        while idle.as_mut().poll(cx).is_ready() {
+            let deadline = last_active + idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Err(ForwardError::Idle(idle_timeout)));
+            }
+            idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
     if result.is_err() {
-        transport::reset_on_close(client);
-        transport::reset_on_close(server);
+        reset_both(client, server);
     }
     result
 }
 
-/// Copies one direction to EOF, then half-closes the writer.
-async fn copy_until_eof(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, counter: &Counter) -> io::Result<u64> {
-    // Wait until the peer has sent something (or closed) before allocating the buffer.
-    reader.as_ref().readable().await?;
-    let mut buf: Vec<u8> = Vec::with_capacity(BUFFER_SIZE);
-    let mut total = 0u64;
-    loop {
-        buf.clear();
-        // `read_buf` fills the spare capacity directly: no zeroing, no copy.
-        let n = reader.read_buf(&mut buf).await?;
-        if n == 0 {
-            break;
+fn reset_both<C: Socket, S: Socket>(client: &C, server: &S) {
+    transport::reset_on_close(client.tcp());
+    transport::reset_on_close(server.tcp());
+}
+
+/// One direction: read a chunk, write it all, repeat; at EOF, shut the writer down.
+struct OneWay<'a> {
+    buf: Option<Box<[u8]>>,
+    /// `buf[start..end]` is read and not yet written.
+    start: usize,
+    end: usize,
+    read_done: bool,
+    /// EOF was passed on: this direction is over.
+    shut_down: bool,
+    need_flush: bool,
+    moved: u64,
+    counter: &'a Counter,
+}
+
+impl<'a> OneWay<'a> {
+    fn new(counter: &'a Counter) -> Self {
+        OneWay {
+            buf: None,
+            start: 0,
+            end: 0,
+            read_done: false,
+            shut_down: false,
+            need_flush: false,
+            moved: 0,
+            counter,
         }
-        writer.write_all(&buf).await?;
-        counter.inc_by(n as u64);
-        total += n as u64;
     }
-    writer.shutdown().await?;
-    Ok(total)
+
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.shut_down {
+            return Poll::Ready(Ok(self.moved));
+        }
+        loop {
+            if self.start < self.end {
+                let Some(buf) = &self.buf else {
+                    return Poll::Ready(Err(io::Error::other("forward buffer missing")));
+                };
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.need_flush = true;
+                continue;
+            }
+            if self.read_done {
+                // EOF travels on as a FIN (TLS: close_notify, then FIN); `poll_shutdown` flushes.
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.shut_down = true;
+                // The buffer is not needed any more; the other direction may go on for long.
+                self.buf = None;
+                return Poll::Ready(Ok(self.moved));
+            }
+            let read = match &mut self.buf {
+                Some(buf) => {
+                    let mut rb = ReadBuf::new(buf);
+                    match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                None => {
+                    let mut first = [0u8; FIRST_READ_SIZE];
+                    let mut rb = ReadBuf::new(&mut first);
+                    match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) => {
+                            let n = rb.filled().len();
+                            if n > 0 {
+                                let mut buf = vec![0u8; BUFFER_SIZE].into_boxed_slice();
+                                buf[..n].copy_from_slice(rb.filled());
+                                self.buf = Some(buf);
+                            }
+                            Poll::Ready(Ok(n))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            };
+            match read {
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(n)) => {
+                    self.counter.inc_by(n as u64);
+                    self.moved += n as u64;
+                    (self.start, self.end) = (0, n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing more to read now: push out what a layered writer (TLS) buffered.
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Socket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl<I: Socket> Socket for tokio_rustls::server::TlsStream<I> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+impl<I: Socket> Socket for tokio_rustls::client::TlsStream<I> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+impl<I: Socket> Socket for PrefixedIo<I> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().tcp()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::metrics::{Direction, Metrics};
-    use tokio::net::TcpListener;
+    use tokio::{io::AsyncReadExt, net::TcpListener};
+
+    const HOUR: Duration = Duration::from_secs(3600);
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -175,23 +320,35 @@ mod tests {
     }
 
     /// client ⇄ [proxy_client | proxy_server] ⇄ upstream, forwarding in a task.
-    async fn proxied() -> (
+    async fn proxied(
+        idle: Duration,
+    ) -> (
         TcpStream,
         TcpStream,
         TcpMetrics,
-        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+        tokio::task::JoinHandle<Result<(u64, u64), ForwardError>>,
     ) {
         let (client, mut proxy_client) = pair().await;
         let (mut proxy_server, upstream) = pair().await;
         let metrics = Metrics::new().tcp(Direction::Outbound);
         let m = metrics.clone();
-        let task = tokio::spawn(async move { forward(&mut proxy_client, &mut proxy_server, &m).await });
+        let task = tokio::spawn(async move { forward(&mut proxy_client, &mut proxy_server, idle, &m).await });
         (client, upstream, metrics, task)
+    }
+
+    fn settings(idle_timeout: Duration) -> ForwardSettings {
+        ForwardSettings {
+            connect: ConnectSettings {
+                timeout: Duration::from_secs(3),
+                keepalive: Duration::from_secs(10),
+            },
+            idle_timeout,
+        }
     }
 
     #[tokio::test]
     async fn half_close_keeps_the_other_direction_open() {
-        let (mut client, mut upstream, metrics, task) = proxied().await;
+        let (mut client, mut upstream, metrics, task) = proxied(HOUR).await;
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
 
@@ -213,7 +370,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_reset_reaches_the_client_as_a_reset() {
-        let (mut client, upstream, _metrics, task) = proxied().await;
+        let (mut client, upstream, _metrics, task) = proxied(HOUR).await;
         client.write_all(b"x").await.unwrap();
         transport::reset_on_close(&upstream);
         drop(upstream);
@@ -225,7 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn bulk_transfer_arrives_intact() {
-        let (mut client, mut upstream, _metrics, task) = proxied().await;
+        let (mut client, mut upstream, _metrics, task) = proxied(HOUR).await;
         let data: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -240,5 +397,93 @@ mod tests {
         drop(writer.await.unwrap());
         let (up, _down) = task.await.unwrap().unwrap();
         assert_eq!(up, data.len() as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_reset_after_the_idle_timeout_and_not_before() {
+        let idle = Duration::from_secs(60);
+        let (mut client, mut upstream, _metrics, task) = proxied(idle).await;
+        // Traffic every 40 s keeps it open well past one timeout.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            client.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            upstream.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(!task.is_finished());
+        let quiet = Instant::now();
+        let result = task.await.unwrap();
+        assert!(matches!(result, Err(ForwardError::Idle(_))), "{result:?}");
+        assert!(quiet.elapsed() >= idle && quiet.elapsed() < idle + Duration::from_secs(1));
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            client.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::ConnectionReset
+        );
+    }
+
+    /// The one forwarder on a failed connect: the client is reset (on every path) and the failure
+    /// counted; and a plain path counts the detection prefix and every chunk as it goes.
+    #[tokio::test]
+    async fn every_path_resets_the_client_when_the_upstream_is_unreachable() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = closed.local_addr().unwrap();
+        drop(closed);
+        let metrics = Metrics::new().tcp(Direction::Inbound);
+        let (mut client, proxy_side) = pair().await;
+        // The client side as the inbound TLS path has it: layered over the socket.
+        let layered = PrefixedIo::new(bytes::BytesMut::from(&b"hello"[..]), proxy_side);
+        let peer = client.local_addr().unwrap();
+        let security = (None, Security::Plain);
+        proxy_opaque(
+            layered,
+            b"",
+            peer,
+            target,
+            Direction::Inbound,
+            security,
+            settings(HOUR),
+            &metrics,
+        )
+        .await;
+        assert_eq!(metrics.connect_errors.get(), 1);
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            client.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::ConnectionReset
+        );
+    }
+
+    #[tokio::test]
+    async fn the_prefix_goes_first_and_is_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        let metrics = Metrics::new().tcp(Direction::Outbound);
+        let (mut client, proxy_side) = pair().await;
+        let m = metrics.clone();
+        let task = tokio::spawn(async move {
+            let peer = "10.0.0.1:1".parse().unwrap();
+            let security = (None, Security::Plain);
+            proxy_opaque(
+                proxy_side,
+                b"GET",
+                peer,
+                target,
+                Direction::Outbound,
+                security,
+                settings(HOUR),
+                &m,
+            )
+            .await
+        });
+        let (mut upstream, _) = listener.accept().await.unwrap();
+        client.write_all(b" /x").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"GET /x");
+        drop(upstream);
+        task.await.unwrap();
+        assert_eq!(metrics.read_bytes.get(), 6);
     }
 }

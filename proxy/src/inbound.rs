@@ -19,23 +19,21 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use crate::{
     accept::Accepted,
     authz::Authorizer,
     detect::{DetectSettings, PrefixedIo, Protocol},
-    forward,
+    forward::{self, ForwardSettings, Socket},
     http::{HttpProxy, authz::ConnectionAuthz, upstream::Version},
-    mesh::Mesh,
+    mesh::{Mesh, Security},
     metrics::{Direction, TcpMetrics},
     tls::spiffe::SpiffeId,
-    transport::ConnectSettings,
 };
 
 pub struct Inbound {
-    pub connect: ConnectSettings,
+    pub forward: ForwardSettings,
     pub metrics: TcpMetrics,
     pub detect: DetectSettings,
     pub http: HttpProxy,
@@ -70,9 +68,18 @@ impl Inbound {
         if matches!(protocol, Protocol::Tls | Protocol::Opaque) {
             self.metrics.mesh_connection(None);
             if self.authorize(app, None, peer).await {
-                // Plain sockets on both sides: the cheapest forwarding path.
-                let (connect, metrics) = (self.connect, &self.metrics);
-                forward::proxy_opaque(stream, &prefix, peer, app, Direction::Inbound, connect, metrics).await;
+                let (plain, metrics) = ((None, Security::Plain), &self.metrics);
+                forward::proxy_opaque(
+                    stream,
+                    &prefix,
+                    peer,
+                    app,
+                    Direction::Inbound,
+                    plain,
+                    self.forward,
+                    metrics,
+                )
+                .await;
             }
             return;
         }
@@ -89,7 +96,7 @@ impl Inbound {
         app: SocketAddr,
         client_id: Option<SpiffeId>,
     ) where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: Socket + 'static,
     {
         self.metrics.mesh_connection(client_id.as_ref().map(SpiffeId::as_str));
         match protocol {
@@ -109,8 +116,8 @@ impl Inbound {
                     .await
             }
             Protocol::Tls | Protocol::Opaque if self.authorize(app, client_id.as_ref(), peer).await => {
-                let (connect, metrics) = (self.connect, &self.metrics);
-                forward::proxy_opaque_io(io, &prefix, peer, app, Direction::Inbound, connect, metrics).await
+                let (plain, metrics) = ((None, Security::Plain), &self.metrics);
+                forward::proxy_opaque(io, &prefix, peer, app, Direction::Inbound, plain, self.forward, metrics).await
             }
             // Denied TCP: closing is the only answer TCP has.
             Protocol::Tls | Protocol::Opaque => {}

@@ -13,20 +13,17 @@
 
 use std::sync::Arc;
 
-use tracing::warn;
-
 use crate::{
     accept::Accepted,
     detect::{DetectSettings, PrefixedIo, Protocol},
-    forward,
+    forward::{self, ForwardSettings},
     http::{HttpProxy, upstream::Version},
-    mesh::Mesh,
+    mesh::{Mesh, Security},
     metrics::{Direction, TcpMetrics},
-    transport::{self, ConnectSettings},
 };
 
 pub struct Outbound {
-    pub connect: ConnectSettings,
+    pub forward: ForwardSettings,
     pub metrics: TcpMetrics,
     pub detect: DetectSettings,
     pub http: HttpProxy,
@@ -41,7 +38,6 @@ impl Outbound {
             return;
         };
         self.metrics.detected(protocol).inc();
-        let (connect, metrics) = (self.connect, &self.metrics);
         match protocol {
             Protocol::Http1 | Protocol::Http2 => {
                 let version = Version::of(protocol);
@@ -50,39 +46,29 @@ impl Outbound {
                     .await
             }
             Protocol::Tls | Protocol::Opaque => {
-                let server_id = match &self.mesh {
-                    Some(mesh) => mesh.identity_for(target).await,
-                    None => None,
+                // A meshed target gets the app's bytes inside mTLS to its proxy; the rest, plain.
+                let mesh = self.mesh.as_deref();
+                let security = match mesh {
+                    Some(mesh) => mesh.security_for(target).await,
+                    None => Security::Plain,
                 };
-                metrics.mesh_connection(server_id.as_ref().map(|id| id.as_str()));
-                let (Some(mesh), Some(id)) = (&self.mesh, server_id) else {
-                    forward::proxy_opaque(stream, &prefix, peer, target, Direction::Outbound, connect, metrics).await;
-                    return;
+                let id = match &security {
+                    Security::Mesh(id) => Some(id.as_str()),
+                    Security::Plain => None,
                 };
-                // Meshed target: the app's bytes travel inside mTLS to the peer proxy.
-                let server = match transport::connect(target, connect).await {
-                    Ok(server) => server,
-                    Err(error) => {
-                        metrics.connect_errors.inc();
-                        warn!(%peer, %target, %error, "upstream connect failed");
-                        transport::reset_on_close(&stream);
-                        return;
-                    }
-                };
-                match mesh.connect(server, &id).await {
-                    Ok(mut tls) => {
-                        use tokio::io::AsyncWriteExt;
-                        if tls.write_all(&prefix).await.is_ok() {
-                            metrics.read_bytes.inc_by(prefix.len() as u64);
-                            let _ = forward::forward_io(&mut stream, &mut tls, metrics).await;
-                        }
-                    }
-                    Err(error) => {
-                        metrics.connect_errors.inc();
-                        warn!(%peer, %target, %id, %error, "mesh TLS to the upstream failed");
-                        transport::reset_on_close(&stream);
-                    }
-                }
+                self.metrics.mesh_connection(id);
+                let (forward, metrics) = (self.forward, &self.metrics);
+                forward::proxy_opaque(
+                    stream,
+                    &prefix,
+                    peer,
+                    target,
+                    Direction::Outbound,
+                    (mesh, security),
+                    forward,
+                    metrics,
+                )
+                .await
             }
         }
     }
