@@ -86,13 +86,24 @@ impl HttpProxy {
             .layer(retry::RetryLayer)
             .layer(timeout::TimeoutLayer(timeout::Scope::Attempt))
             .service(Upstream::new(self.pool.clone(), version));
-        let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        // HTTP/1 only: how the framing guard learns whether an upgrade request switched.
+        let upgrades = (version == Version::Http1).then(framing::UpgradeWatch::default);
+        let guard_upgrades = upgrades.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            if let Some(upgrades) = &upgrades {
+                upstream::admit_upgrade(&mut req, upgrades);
+            }
             let mut stack = stack.clone();
             stack.call(req.map(RequestBody::Incoming))
         });
         let served = match version {
             Version::Http1 => {
-                let io = TokioIo::new(framing::FramingGuard::new(io, self.settings.max_header_bytes));
+                let guard = framing::FramingGuard::with_upgrades(
+                    io,
+                    self.settings.max_header_bytes,
+                    guard_upgrades.unwrap_or_default(),
+                );
+                let io = TokioIo::new(guard);
                 let conn = conn::http1::Builder::new()
                     .writev(false)
                     .timer(head_timer::HeadTimer::default())

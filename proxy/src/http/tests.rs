@@ -486,3 +486,198 @@ async fn http1_clients_that_stall_mid_head_or_idle_are_closed_but_slow_answers_a
         .unwrap();
     assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
 }
+
+/// A loopback app that reads requests and never answers; counts the bytes it received.
+async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let count = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    count.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test]
+async fn an_endless_chunk_extension_gets_400_and_a_close_long_before_it_ends() {
+    const TOTAL: usize = 64 << 20;
+    let (addr, received) = silent_upstream().await;
+    let (io, _) = proxy("", Version::Http1, addr);
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let writer = tokio::spawn(async move {
+        let head = b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n1;";
+        let mut written = 0;
+        if wr.write_all(head).await.is_ok() {
+            let filler = vec![b'a'; 64 * 1024];
+            while written < TOTAL && wr.write_all(&filler).await.is_ok() {
+                written += filler.len();
+            }
+        }
+        written
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("pillion-proxy-error: chunk extensions too long\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    let written = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the client's writes fail once the connection is gone")
+        .unwrap();
+    // At most the bounded line, a read, and the in-memory pipe (64 KiB) before the close.
+    assert!(written < 512 * 1024, "the client wrote {written} of {TOTAL} bytes");
+    // The head went upstream (hyper streams bodies); the unfinished line never did.
+    assert!(received.load(Ordering::SeqCst) < 1024);
+}
+
+/// Reads one response with a `content-length` body off a raw connection.
+async fn read_response(io: &mut DuplexStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut byte))
+            .await
+            .expect("a response")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let length = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")?
+                .parse::<usize>()
+                .ok()
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    io.read_exact(&mut body).await.unwrap();
+    text + &String::from_utf8_lossy(&body)
+}
+
+const SMUGGLE: &[u8] = b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n";
+
+#[tokio::test]
+async fn an_upgrade_the_app_refuses_leaves_the_framing_guard_on() {
+    // The app ignores Upgrade and answers as to any request.
+    let (addr, hits) = upstream(Arc::new(|_, _| text(200, "plain"))).await;
+    let (mut io, _) = proxy("", Version::Http1, addr);
+    io.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut io).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("plain"), "{answer}");
+    // Same connection: still HTTP/1, still guarded.
+    let answer = raw_exchange(io, SMUGGLE).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("ambiguous request framing"), "{answer}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "only the upgrade request reached the app"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_the_proxy_answers_itself_leaves_the_framing_guard_on() {
+    // Nothing listens: the upgrade request gets the proxy's 502, and the guard reads on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (mut io, _) = proxy("", Version::Http1, closed);
+    io.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut io).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let answer = raw_exchange(io, SMUGGLE).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+#[tokio::test]
+async fn an_accepted_upgrade_gets_the_bytes_sent_before_the_101() {
+    let (addr, _) = upstream(Arc::new(|mut req, _| {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let mut io = TokioIo::new(on_upgrade.await.unwrap());
+            let mut buf = [0u8; 4];
+            io.read_exact(&mut buf).await.unwrap();
+            io.write_all(&buf).await.unwrap();
+        });
+        let mut rsp = text(101, "");
+        rsp.headers_mut().insert("upgrade", "echo".parse().unwrap());
+        rsp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+        rsp
+    }))
+    .await;
+    let (mut io, _) = proxy("", Version::Http1, addr);
+    // The first tunnel bytes go with the request: the guard holds them until the 101.
+    io.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nping")
+        .await
+        .unwrap();
+    let head = read_response(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_forwarded_as_plain_http1() {
+    // An app that switches to h2c whenever it is offered; otherwise lists the headers it got.
+    let (addr, hits) = upstream(Arc::new(|req, _| {
+        if req.headers().get("upgrade").is_some_and(|v| v == "h2c") {
+            let mut rsp = text(101, "");
+            rsp.headers_mut().insert("upgrade", "h2c".parse().unwrap());
+            rsp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+            return rsp;
+        }
+        let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+        let mut rsp = Response::new(Full::new(Bytes::from(names.join(","))).boxed());
+        *rsp.status_mut() = StatusCode::OK;
+        rsp
+    }))
+    .await;
+    let (mut io, proxy) = proxy(API_ROUTE, Version::Http1, addr);
+    io.write_all(
+        b"GET /api/x HTTP/1.1\r\nHost: web\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_response(&mut io).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = answer.rsplit("\r\n\r\n").next().unwrap().to_owned();
+    for name in ["upgrade", "http2-settings", "connection"] {
+        assert!(!seen.split(',').any(|n| n == name), "the app got {name}: {seen}");
+    }
+    // The connection is still HTTP/1: the next request is routed and counted, and still guarded.
+    io.write_all(b"GET /api/y HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
+    let answer = read_response(&mut io).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = raw_exchange(io, SMUGGLE).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        proxy.metric(r#"pillion_http_requests_total{direction="outbound",route="api",status_code="200"}"#),
+        2
+    );
+}

@@ -11,7 +11,10 @@
 //!   *and* security decision ([`Security`]), and every request takes the decision in force: when
 //!   discovery's answer changes, no request reuses a connection made under the old one.
 //! - `Upgrade` (WebSocket) and `CONNECT` get a dedicated connection; after the upstream agrees,
-//!   both sides become a raw byte tunnel.
+//!   both sides become a raw byte tunnel, and the framing guard is told so ([`admit_upgrade`]).
+//!   `Upgrade: h2c` is never tunnelled: HTTP/2 inside a tunnel would bypass per-request routing,
+//!   metrics, timeouts and authorization, so (as Linkerd and Envoy do) the request goes on as
+//!   plain HTTP/1.1 without it.
 
 use std::{
     collections::HashMap,
@@ -32,7 +35,13 @@ use tokio::{
 use tower::Service;
 use tracing::debug;
 
-use super::{ProxyRequest, ProxyResponse, body::ResponseBody, errors::ProxyError, route::RouteCtx};
+use super::{
+    ProxyRequest, ProxyResponse,
+    body::ResponseBody,
+    errors::ProxyError,
+    framing::{self, PendingUpgrade, UpgradeWatch},
+    route::RouteCtx,
+};
 use crate::{
     mesh::{Mesh, Security},
     metrics::TcpMetrics,
@@ -313,9 +322,15 @@ impl Service<ProxyRequest> for Upstream {
             return Box::pin(std::future::ready(Err(error)));
         };
         let session = self.session.clone();
-        if self.version == Version::Http1 && is_upgrade(&req) {
-            // The 101 keeps its Upgrade and Connection headers: they are the answer.
-            return Box::pin(async move { Ok(tunnel(&session.pool, target, req).await?.map(ResponseBody::Upstream)) });
+        if self.version == Version::Http1 {
+            // Only requests `admit_upgrade` let through as upgrades carry this.
+            if let Some(upgrade) = req.extensions_mut().remove::<PendingUpgrade>() {
+                return Box::pin(async move {
+                    Ok(tunnel(&session.pool, target, req, upgrade)
+                        .await?
+                        .map(ResponseBody::Upstream))
+                });
+            }
         }
         match self.version {
             Version::Http1 => {
@@ -393,11 +408,14 @@ fn upstream_response(mut rsp: http::Response<hyper::body::Incoming>) -> ProxyRes
 }
 
 /// Sends an upgrade or CONNECT request on its own connection and, if the upstream accepts,
-/// joins the two upgraded connections into a byte tunnel.
+/// joins the two upgraded connections into a byte tunnel. `upgrade` tells the client
+/// connection's framing guard the outcome: accepted here, refused when dropped unaccepted
+/// (including when this future is dropped, on a timeout).
 async fn tunnel(
     pool: &Pool,
     target: SocketAddr,
     mut req: ProxyRequest,
+    upgrade: PendingUpgrade,
 ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
     let client_side = hyper::upgrade::on(&mut req);
     let is_connect = req.method() == Method::CONNECT;
@@ -405,7 +423,14 @@ async fn tunnel(
     let mut tx = pool.connect_h1(&key, true).await?;
     let mut rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
     let accepted = rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
-    if accepted {
+    if !accepted {
+        // An ordinary answer: the connection goes on as HTTP/1, so this response loses its
+        // hop-by-hop headers like any other. (A 101 keeps Upgrade and Connection: they are the
+        // answer.)
+        strip_hop_by_hop(rsp.headers_mut());
+    } else {
+        // Before hyper writes the 101: the guard then hands the client's next bytes to the tunnel.
+        upgrade.accept();
         let server_side = hyper::upgrade::on(&mut rsp);
         tokio::spawn(async move {
             match tokio::try_join!(client_side, server_side) {
@@ -422,8 +447,76 @@ async fn tunnel(
     Ok(rsp)
 }
 
-fn is_upgrade<B>(req: &http::Request<B>) -> bool {
-    req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE)
+/// For an HTTP/1 request hyper flagged as a possible upgrade (`CONNECT`, or an `Upgrade`
+/// header): h2c is taken out (see [`strip_h2c`]); if a real upgrade remains, the request carries
+/// the token the tunnel settles, so the connection's framing guard learns whether it switched.
+/// The guard decides with the same rule ([`framing::switches_protocols`]) on the raw head.
+pub fn admit_upgrade<B>(req: &mut http::Request<B>, upgrades: &UpgradeWatch) {
+    // Cheap for every other request: hyper attached nothing, so the map is empty.
+    if req.extensions().get::<hyper::upgrade::OnUpgrade>().is_none() {
+        return;
+    }
+    strip_h2c(req.headers_mut());
+    let token = req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| framing::names_protocol_to_switch_to(v.as_bytes()));
+    let connect = req.method() == Method::CONNECT;
+    if framing::switches_protocols(connect, req.version() == http::Version::HTTP_11, token) {
+        req.extensions_mut().insert(upgrades.pending());
+    }
+}
+
+/// Removes an h2c upgrade offer (RFC 7540 §3.2): the `h2c` token of `Upgrade` (the header goes
+/// if nothing else is left), `HTTP2-Settings`, and their tokens in `Connection`. The request then
+/// is plain HTTP/1.1 and gets its answer as such.
+pub fn strip_h2c(headers: &mut HeaderMap) {
+    let settings = headers.remove(HTTP2_SETTINGS).is_some();
+    let h2c = |t: &str| t.eq_ignore_ascii_case("h2c");
+    let offered = headers.get_all(header::UPGRADE).iter().any(|v| tokens(v).any(h2c));
+    if !offered && !settings {
+        return;
+    }
+    if offered {
+        let others = joined(headers, header::UPGRADE, |t| !h2c(t));
+        headers.remove(header::UPGRADE);
+        if let Some(others) = others {
+            headers.insert(header::UPGRADE, others);
+        }
+    }
+    let upgrade_left = headers.contains_key(header::UPGRADE);
+    let connection = joined(headers, header::CONNECTION, |t| {
+        !t.eq_ignore_ascii_case(HTTP2_SETTINGS.as_str()) && (upgrade_left || !t.eq_ignore_ascii_case("upgrade"))
+    });
+    headers.remove(header::CONNECTION);
+    if let Some(connection) = connection {
+        headers.insert(header::CONNECTION, connection);
+    }
+}
+
+/// The tokens of every `name` header that `keep` keeps, as one value (`None` if none is kept).
+fn joined(headers: &HeaderMap, name: HeaderName, keep: impl Fn(&str) -> bool) -> Option<HeaderValue> {
+    let kept: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .flat_map(tokens)
+        .filter(|t| keep(t))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// The comma-separated tokens of a header value (none if it is not text).
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection and must not be
@@ -457,6 +550,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if found.proxy_connection {
         headers.remove(PROXY_CONNECTION);
     }
+    if found.http2_settings {
+        headers.remove(HTTP2_SETTINGS);
+    }
     if found.te
         && headers
             .get(header::TE)
@@ -468,6 +564,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Part of an h2c upgrade offer, meaningful only on the connection it was sent on.
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// The hop-by-hop headers one message carries.
 #[derive(Default, PartialEq)]
@@ -477,6 +575,7 @@ struct HopByHop {
     upgrade: bool,
     keep_alive: bool,
     proxy_connection: bool,
+    http2_settings: bool,
     te: bool,
     /// Names listed in `Connection`.
     listed: Vec<HeaderName>,
@@ -493,6 +592,7 @@ impl HopByHop {
                 self.note_listed(value);
             }
             10 => self.keep_alive |= name == KEEP_ALIVE,
+            14 => self.http2_settings |= name == HTTP2_SETTINGS,
             16 => self.proxy_connection |= name == PROXY_CONNECTION,
             17 => self.transfer_encoding |= name == header::TRANSFER_ENCODING,
             _ => {}
@@ -550,6 +650,38 @@ mod tests {
         headers.append("x-many", "2".parse().unwrap());
         let before = headers.clone();
         strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn an_h2c_offer_is_removed_and_other_upgrades_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "Upgrade, HTTP2-Settings".parse().unwrap());
+        headers.insert(header::UPGRADE, "h2c".parse().unwrap());
+        headers.insert(HTTP2_SETTINGS, "AAMAAABkAAQAAP__".parse().unwrap());
+        headers.insert(header::HOST, "web".parse().unwrap());
+        strip_h2c(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["host"]);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            "keep-alive, Upgrade, HTTP2-Settings".parse().unwrap(),
+        );
+        headers.insert(header::UPGRADE, "H2C, websocket".parse().unwrap());
+        headers.insert(HTTP2_SETTINGS, "AAMAAABkAAQAAP__".parse().unwrap());
+        strip_h2c(&mut headers);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert_eq!(headers[header::CONNECTION], "keep-alive, Upgrade");
+        assert!(!headers.contains_key(HTTP2_SETTINGS));
+
+        // Nothing h2c: left as it was.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "upgrade".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        let before = headers.clone();
+        strip_h2c(&mut headers);
         assert_eq!(headers, before);
     }
 
