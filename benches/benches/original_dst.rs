@@ -35,6 +35,7 @@ fn original_dst(c: &mut Bench) {
         Ok(dst) => format!("redirected to {}", dst.0),
         Err(NoTarget::Loop(addr)) => format!("tracked, not NATed (loop to {addr})"),
         Err(NoTarget::NoOriginalDst(e)) => format!("not tracked ({e})"),
+        Err(e @ NoTarget::NotPodAddress(_)) => e.to_string(),
     };
     println!("original_dst/loopback_not_redirected: {outcome}");
 
