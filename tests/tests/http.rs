@@ -963,3 +963,161 @@ fn route_file_reloads_apply_to_new_requests_and_invalid_files_are_rejected() {
         app.connections().len()
     );
 }
+
+/// The proxy's resident-set high-water mark (`VmHWM`), in bytes.
+fn proxy_peak_rss(pod: &mut Pod) -> u64 {
+    let pid = pod.proxy().pid();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "pillion-proxy", "pid {pid} is not the proxy");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the proxy's /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status");
+    kib * 1024
+}
+
+#[test]
+fn an_endless_chunk_extension_gets_400_and_a_close_and_proxy_memory_stays_flat() {
+    if !require_root("an_endless_chunk_extension_gets_400_and_a_close_and_proxy_memory_stays_flat") {
+        return;
+    }
+    const TOTAL: usize = 64 << 20;
+    let mut scene = Scene::start("ext");
+    let host = scene.inbound().authority();
+    let peak_before = proxy_peak_rss(&mut scene.pod);
+
+    let mut conn = scene
+        .pod
+        .client
+        .connect(scene.pod.addr(APP_PORT))
+        .expect("connect to podIP:8080");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut writer = conn.try_clone().expect("a second handle on the socket");
+    let head = format!("POST /ext/endless HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n1;");
+    // `1;` and then a chunk extension that never ends, until the proxy closes (or 64 MiB).
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0usize;
+        if writer.write_all(head.as_bytes()).is_ok() {
+            let filler = vec![b'x'; 64 * 1024];
+            while sent < TOTAL && writer.write_all(&filler).is_ok() {
+                sent += filler.len();
+            }
+        }
+        sent
+    });
+    let answer = raw::read_to_end(&mut conn);
+    // Closing our side ends the sender if the proxy had not (so a failure still ends).
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+    let sent = sender.join().expect("the sender thread");
+    let peak_after = proxy_peak_rss(&mut scene.pod);
+
+    assert_eq!(answer.statuses(), [400], "{}", answer.text());
+    assert!(
+        answer.text().contains("pillion-proxy-error: chunk extensions too long"),
+        "{}",
+        answer.text()
+    );
+    assert_ne!(answer.ending, Ending::StillOpen, "the connection must be closed");
+    // Socket buffers on both sides hold a few MiB; the proxy read a bounded line.
+    assert!(
+        sent < TOTAL / 2,
+        "the client got {sent} of {TOTAL} bytes out before the close"
+    );
+    let growth = peak_after.saturating_sub(peak_before);
+    eprintln!(
+        "endless chunk extension: client sent {} KiB before the close; proxy peak RSS {} → {} KiB",
+        sent / 1024,
+        peak_before / 1024,
+        peak_after / 1024
+    );
+    assert!(
+        growth < 16 << 20,
+        "the proxy's peak RSS grew by {} KiB during the attack",
+        growth / 1024
+    );
+    // Nothing of the unfinished line reached the app as a complete body.
+    let seen = settled_requests(&scene.app, "/ext/endless");
+    assert!(
+        seen.iter().all(|s| !matches!(s.body, BodyOutcome::Complete { .. })),
+        "{seen:#?}"
+    );
+}
+
+#[test]
+fn an_upgrade_the_app_refuses_and_h2c_offers_leave_the_connection_guarded_http1() {
+    if !require_root("an_upgrade_the_app_refuses_and_h2c_offers_leave_the_connection_guarded_http1") {
+        return;
+    }
+    let scene = Scene::start("upg");
+    let host = scene.inbound().authority();
+
+    // h2c offered to an app that switches to anything offered: forwarded as plain HTTP/1.1, the
+    // app never sees the offer, and the answer is an ordinary 200.
+    let mut conn = scene
+        .pod
+        .client
+        .connect(scene.pod.addr(APP_PORT))
+        .expect("connect to podIP:8080");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let h2c = format!(
+        "GET /hello/h2c HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    );
+    let answer = raw::exchange(&mut conn, h2c.as_bytes()).expect("an answer to the h2c offer");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = scene.app.only_request_to("/hello/h2c");
+    for name in ["upgrade", "http2-settings", "connection"] {
+        assert_eq!(seen.header(name), None, "the app got {name}: {seen:?}");
+    }
+    let answer = raw::exchange(&mut conn, &raw::get("/hello/after-h2c", &host, &[])).expect("keep-alive");
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    // An app on another port that answers every request 200 and never switches.
+    const PLAIN_PORT: u16 = 8081;
+    let listener = scene.pod.ns.listen(SocketAddr::from(([0, 0, 0, 0], PLAIN_PORT)));
+    let plain_app = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the proxy connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut answered = 0;
+        while let Ok(n @ 1..) = stream.read(&mut buf) {
+            received.extend_from_slice(&buf[..n]);
+            let heads = String::from_utf8_lossy(&received).matches("\r\n\r\n").count();
+            while answered < heads {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain");
+                answered += 1;
+            }
+        }
+        String::from_utf8_lossy(&received).into_owned()
+    });
+    let mut conn = scene
+        .pod
+        .client
+        .connect(scene.pod.addr(PLAIN_PORT))
+        .expect("connect to podIP:8081");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let upgrade = "GET /ws HTTP/1.1\r\nHost: plain\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let answer = raw::exchange(&mut conn, upgrade.as_bytes()).expect("an answer to the upgrade");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // Same connection, still HTTP/1 and still guarded: the smuggling shape is refused.
+    let cl_te = "POST /smuggle HTTP/1.1\r\nHost: plain\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n\
+         0\r\n\r\nGET /smuggle-hidden HTTP/1.1\r\nHost: plain\r\n\r\n";
+    let _ = conn.write_all(cl_te.as_bytes());
+    let rest = raw::read_to_end(&mut conn);
+    assert_eq!(rest.statuses(), [400], "{}", rest.text());
+    assert!(rest.text().contains("ambiguous request framing"), "{}", rest.text());
+    drop(conn);
+    drop(scene);
+    let received = plain_app.join().expect("the plain app");
+    assert!(received.starts_with("GET /ws HTTP/1.1\r\n"), "{received}");
+    assert!(!received.contains("smuggle"), "the app got: {received}");
+}
