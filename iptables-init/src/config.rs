@@ -49,11 +49,11 @@ pub enum Action {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Ipv6Mode {
-    /// IPv6 rules when the namespace has a global IPv6 address.
+    /// IPv6 redirects when the namespace has a global IPv6 address.
     Auto,
-    /// IPv6 rules always; an error if ip6tables is not installed.
+    /// IPv6 redirects always; an error if ip6tables is not installed.
     On,
-    /// IPv4 rules only.
+    /// No IPv6 redirects (inbound IPv6 TCP is refused if the pod has IPv6).
     Off,
 }
 
@@ -111,8 +111,9 @@ struct Args {
           value_name = "CIDRS", value_parser = parse_cidr_list, hide_default_value = true)]
     outbound_subnets_to_ignore: CidrList,
 
-    /// Install IPv6 (ip6tables) rules too: `auto` does when the namespace has a global IPv6
-    /// address.
+    /// Redirect IPv6 (ip6tables) too: `auto` does when the namespace has a global IPv6 address.
+    /// Where IPv6 is not redirected but the pod has IPv6 (even link-local), inbound IPv6 TCP is
+    /// refused instead, so nothing reaches the app around the proxy.
     #[arg(
         long,
         env = "PILLION_INIT_IPV6",

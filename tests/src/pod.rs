@@ -271,18 +271,24 @@ impl Pod {
     /// of ours: listing a legacy table creates it, which would change what the init container
     /// sees on its next run.
     pub fn nat_rules(&self) -> String {
-        let nft = self.save_nat(&["iptables-nft-save", "ip6tables-nft-save"]);
+        let nft = self.save_table(&["iptables-nft-save", "ip6tables-nft-save"], "nat");
         if nft.contains("PILLION_") {
             return nft;
         }
-        self.save_nat(&["iptables-legacy-save", "ip6tables-legacy-save"])
+        self.save_table(&["iptables-legacy-save", "ip6tables-legacy-save"], "nat")
     }
 
-    fn save_nat(&self, tools: &[&str]) -> String {
+    /// The IPv6 filter table (nft backend), cleaned like [`Pod::nat_rules`]: where the init
+    /// container refuses inbound IPv6 that it does not redirect.
+    pub fn ipv6_filter_rules(&self) -> String {
+        self.save_table(&["ip6tables-nft-save"], "filter")
+    }
+
+    fn save_table(&self, tools: &[&str], table: &str) -> String {
         let mut dump = String::new();
         for tool in tools {
-            let out = self.ns.exec(tool, &["-t", "nat"]);
-            dump.push_str(&format!("== {tool} -t nat ({}) ==\n", out.status));
+            let out = self.ns.exec(tool, &["-t", table]);
+            dump.push_str(&format!("== {tool} -t {table} ({}) ==\n", out.status));
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 if !line.starts_with('#') {
                     dump.push_str(&zero_counters(line));

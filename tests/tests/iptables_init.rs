@@ -18,6 +18,12 @@ fn rerunning_iptables_init_is_a_no_op() {
         rules_before.contains("PILLION_"),
         "no PILLION_ chains found after the init container ran:\n{rules_before}"
     );
+    // The pod has link-local IPv6 only, so IPv6 is refused rather than redirected.
+    let filter_before = pod.ipv6_filter_rules();
+    assert!(
+        filter_before.contains("-A INPUT -m comment --comment \"pillion: IPv6 is not redirected"),
+        "no refusal of inbound IPv6 after the init container ran:\n{filter_before}"
+    );
 
     for run in 1..=2 {
         let out = pod.rerun_init();
@@ -28,6 +34,11 @@ fn rerunning_iptables_init_is_a_no_op() {
         );
         let rules_after = pod.nat_rules();
         assert_eq!(rules_before, rules_after, "re-run {run} changed the NAT rules");
+        assert_eq!(
+            filter_before,
+            pod.ipv6_filter_rules(),
+            "re-run {run} changed the IPv6 filter rules"
+        );
     }
 
     // Still intercepting both ways.

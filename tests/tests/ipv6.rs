@@ -3,13 +3,14 @@
 //! redirected refused at the pod instead of reaching the app around the proxy.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::time::Duration;
 
 use pillion_tests::http_peers::{app::HttpApp, curl::curl};
 use pillion_tests::metrics::{opened, refused};
 use pillion_tests::pod::{Pod, PodOptions};
-use pillion_tests::require_root;
 use pillion_tests::traffic::{Server, echo, opaque, roundtrip};
+use pillion_tests::{poll_until, require_root};
 
 /// Inbound HTTP requests the proxy answered with `status`, over every route.
 fn inbound_requests(status: u16) -> String {
@@ -160,4 +161,51 @@ fn ipv6_that_is_not_redirected_is_refused_before_the_app() {
         before.value(&opened("outbound")),
         "IPv6 out is not redirected when IPv6 redirection is off"
     );
+}
+
+#[test]
+fn with_defaults_and_only_link_local_ipv6_the_app_is_not_reachable_over_ipv6() {
+    if !require_root("with_defaults_and_only_link_local_ipv6_the_app_is_not_reachable_over_ipv6") {
+        return;
+    }
+    // No global IPv6 address, so `--ipv6 auto` does not redirect IPv6; but every IPv6 interface
+    // has a link-local address, and a neighbour on the link can use it.
+    let pod = Pod::start("v6-link");
+    let app = Server::start(pod.ns.listen(any_v6(8080)), echo);
+    let shown = pod
+        .ns
+        .exec_ok("ip", &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"]);
+    let pod_link_local: Ipv6Addr = shown
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no link-local address on the pod's eth0: {shown}"));
+    let ifindex: u32 = pod
+        .client
+        .exec_ok("cat", &["/sys/class/net/eth0/ifindex"])
+        .trim()
+        .parse()
+        .expect("the client's eth0 ifindex");
+    let target = SocketAddr::V6(SocketAddrV6::new(pod_link_local, 8080, 0, ifindex));
+
+    // Duplicate address detection may hold the addresses back for a moment: retry until the
+    // answer is definite, for a bounded time.
+    let attempt = || match pod.client.connect(target) {
+        Ok(_) => Some(Ok(())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Some(Err(e)),
+        Err(_) => None,
+    };
+    let refused = poll_until(Duration::from_secs(5), Duration::from_millis(100), attempt);
+    assert!(
+        matches!(&refused, Some(Err(_))),
+        "an inbound IPv6 connection to the app must be refused, got {refused:?}; app peers {:?}",
+        app.peers()
+    );
+    assert!(app.peers().is_empty(), "{:?}", app.peers());
+
+    // The refusal is what stood in the way: without our INPUT jump the same connection gets in.
+    pod.ns.exec_ok("ip6tables-nft", &["-D", "INPUT", "1"]);
+    let reached = poll_until(Duration::from_secs(5), Duration::from_millis(100), attempt);
+    assert!(matches!(reached, Some(Ok(()))), "{reached:?}");
 }
