@@ -19,6 +19,7 @@ pub mod body;
 pub mod errors;
 pub mod framing;
 pub mod head_timer;
+pub mod idle;
 pub mod metrics;
 pub mod retry;
 pub mod route;
@@ -125,11 +126,14 @@ impl HttpProxy {
             }
             Version::Http2 => {
                 let io = TokioIo::new(io);
+                let requests = idle::RequestCount::default();
                 let conn = conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(self.settings.max_header_bytes as u32)
                     .adaptive_window(true)
-                    .serve_connection(io, service);
+                    .keep_alive_interval(idle::KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(idle::KEEPALIVE_TIMEOUT)
+                    .serve_connection(io, requests.count(service));
                 tokio::pin!(conn);
                 let mut drain = self.drain.signal();
                 tokio::select! {
@@ -137,6 +141,11 @@ impl HttpProxy {
                     served = conn.as_mut() => served,
                     () = &mut drain => {
                         // HTTP/2: GOAWAY, let streams in flight finish.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                    () = requests.idle_for(self.settings.idle_timeout) => {
+                        // No new request for the idle timeout: the same graceful close.
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
