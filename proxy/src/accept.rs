@@ -118,20 +118,45 @@ where
 
 impl RefusalLog {
     fn log(&mut self, dir: &str, peer: SocketAddr, refusal: &NoTarget) {
-        let now = Instant::now();
+        match self.warn_now(Instant::now()) {
+            Some(suppressed) => warn!(
+                direction = dir,
+                %peer,
+                error = %refusal,
+                refused_since_last_warning = suppressed,
+                "connection refused (further refusals in the next 10s are logged at debug; all are counted in pillion_tcp_connections_refused_total)"
+            ),
+            None => debug!(direction = dir, %peer, error = %refusal, "connection refused"),
+        }
+    }
+
+    /// `Some(refusals logged at debug since the last warning)` when this one is due a warning.
+    fn warn_now(&mut self, now: Instant) -> Option<u64> {
         if now < self.next_warn {
             self.suppressed += 1;
-            debug!(direction = dir, %peer, error = %refusal, "connection refused");
-            return;
+            return None;
         }
-        let suppressed = std::mem::take(&mut self.suppressed);
         self.next_warn = now + REFUSAL_WARN_PERIOD;
-        warn!(
-            direction = dir,
-            %peer,
-            error = %refusal,
-            refused_since_last_warning = suppressed,
-            "connection refused (further refusals in the next 10s are logged at debug; all are counted in pillion_tcp_connections_refused_total)"
-        );
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_warn_once_per_period_and_count_the_rest() {
+        let start = Instant::now();
+        let mut log = RefusalLog {
+            next_warn: start,
+            suppressed: 0,
+        };
+        assert_eq!(log.warn_now(start), Some(0));
+        for i in 1..=500 {
+            assert_eq!(log.warn_now(start + Duration::from_millis(i)), None);
+        }
+        assert_eq!(log.warn_now(start + REFUSAL_WARN_PERIOD), Some(500));
+        assert_eq!(log.warn_now(start + REFUSAL_WARN_PERIOD * 3), Some(0));
     }
 }
