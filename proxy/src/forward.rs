@@ -144,13 +144,13 @@ pub async fn forward<C: Socket, S: Socket>(
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
     let result = std::future::poll_fn(|cx| {
-        let (a, b) = (up.moved, down.moved);
+        let before = (up.progress, down.progress);
         let up_done = up.poll(cx, &mut *client, &mut *server)?;
         let down_done = down.poll(cx, &mut *server, &mut *client)?;
         if let (Poll::Ready(sent), Poll::Ready(received)) = (up_done, down_done) {
             return Poll::Ready(Ok((sent, received)));
         }
-        if (a, b) != (up.moved, down.moved) {
+        if before != (up.progress, down.progress) {
             last_active = Instant::now();
         }
         // The timer is moved only when it fires, not on every chunk.
@@ -186,6 +186,9 @@ struct OneWay<'a> {
     shut_down: bool,
     need_flush: bool,
     moved: u64,
+    /// Bytes read plus bytes written: any change is activity, for the idle timeout (a peer that
+    /// reads slowly keeps a connection alive as much as one that writes).
+    progress: u64,
     counter: &'a Counter,
 }
 
@@ -199,6 +202,7 @@ impl<'a> OneWay<'a> {
             shut_down: false,
             need_flush: false,
             moved: 0,
+            progress: 0,
             counter,
         }
     }
@@ -221,6 +225,7 @@ impl<'a> OneWay<'a> {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.start += n;
+                self.progress += n as u64;
                 self.need_flush = true;
                 continue;
             }
@@ -264,6 +269,7 @@ impl<'a> OneWay<'a> {
                 Poll::Ready(Ok(n)) => {
                     self.counter.inc_by(n as u64);
                     self.moved += n as u64;
+                    self.progress += n as u64;
                     (self.start, self.end) = (0, n);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
