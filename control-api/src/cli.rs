@@ -7,10 +7,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{
     Args, CommandFactory, Parser, Subcommand,
+    builder::BoolishValueParser,
     error::{ContextKind, ContextValue, ErrorKind},
 };
 use pillion_control_api::{
     inject::{self, InjectOptions},
+    policy::model::SpiffeId,
+    server::Limits,
     spiffe::TrustDomain,
 };
 use tracing_subscriber::EnvFilter;
@@ -122,7 +125,7 @@ pub struct InjectArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// gRPC listen address.
+    /// gRPC listen address (TLS 1.3, ALPN h2, unless --plaintext).
     #[arg(
         long,
         env = "PILLION_CONTROL_LISTEN",
@@ -130,6 +133,16 @@ pub struct ServeArgs {
         value_name = "ADDR"
     )]
     pub listen: SocketAddr,
+
+    /// The control plane's own SPIFFE ID, in its certificate; proxies must expect exactly this
+    /// (their PILLION_CONTROL_IDENTITY). Default: spiffe://<trust-domain>/ns/pillion-system/sa/pillion-control.
+    #[arg(long, env = "PILLION_CONTROL_IDENTITY", value_name = "SPIFFE_ID", value_parser = parse_spiffe_id)]
+    pub identity: Option<SpiffeId>,
+
+    /// Serve gRPC without TLS: no server authentication, tokens in the clear, no caller identity.
+    /// For local development only.
+    #[arg(long, env = "PILLION_CONTROL_PLAINTEXT", value_parser = BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub plaintext: bool,
 
     /// SPIFFE trust domain of issued identities.
     #[arg(long, env = "PILLION_CONTROL_TRUST_DOMAIN", default_value = "cluster.local", value_name = "DOMAIN", value_parser = parse_trust_domain)]
@@ -174,14 +187,29 @@ pub struct ServeArgs {
     #[arg(long, env = "PILLION_CONTROL_TOKEN_REVIEW_TOKEN", default_value = concat!("/var/run/secrets/kubernetes.io/serviceaccount", "/token"), value_name = "FILE")]
     pub token_review_token: PathBuf,
 
-    /// Audiences workload tokens must be valid for, comma separated; empty = the API server's default.
+    /// Audiences workload tokens must be valid for, comma separated (the injector mounts a token
+    /// for `pillion`); an explicit empty value means the API server's default audience.
     #[arg(
         long,
         env = "PILLION_CONTROL_TOKEN_REVIEW_AUDIENCE",
         value_delimiter = ',',
+        default_value = "pillion",
         value_name = "AUD[,AUD]"
     )]
     pub token_review_audience: Vec<String>,
+
+    /// Certify calls accepted per second, server-wide; beyond it callers get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PILLION_CONTROL_CERTIFY_RATE_LIMIT", default_value = "50", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub certify_rate_limit: u32,
+
+    /// Certify calls accepted at once after a quiet period (the token bucket's size).
+    #[arg(long, env = "PILLION_CONTROL_CERTIFY_BURST", default_value = "100", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub certify_burst: u32,
+
+    /// Concurrent HTTP/2 streams per connection. A proxy holds one Watch stream per destination
+    /// it follows: keep this above the proxies' PILLION_DISCOVERY_MAX_DESTINATIONS (1000).
+    #[arg(long, env = "PILLION_CONTROL_MAX_CONCURRENT_STREAMS", default_value = "1100", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
 
     /// Discovery and policy YAML, reloaded on change; unset = every destination is unknown.
     #[arg(long, env = "PILLION_CONTROL_POLICY", value_name = "FILE")]
@@ -244,6 +272,45 @@ impl ServeArgs {
                 "invalid value '{value}' for '--token-review <URL|in-cluster>' (env PILLION_CONTROL_TOKEN_REVIEW): {e}"
             )
         }))
+    }
+}
+
+impl ServeArgs {
+    /// The control plane's SPIFFE ID: `--identity`, or the default in `--trust-domain`.
+    pub fn control_identity(&self) -> Result<SpiffeId, String> {
+        let id = match &self.identity {
+            Some(id) => id.clone(),
+            None => SpiffeId(format!(
+                "spiffe://{}/ns/pillion-system/sa/pillion-control",
+                self.trust_domain
+            )),
+        };
+        let prefix = format!("spiffe://{}/", self.trust_domain);
+        if !id.0.starts_with(&prefix) {
+            return Err(format!(
+                "invalid value '{}' for '--identity <SPIFFE_ID>' (env PILLION_CONTROL_IDENTITY): not in trust domain {}",
+                id.0, self.trust_domain
+            ));
+        }
+        Ok(id)
+    }
+
+    /// `--token-review-audience` without empty entries: an explicit empty value means none.
+    pub fn token_review_audiences(&self) -> Vec<String> {
+        self.token_review_audience
+            .iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            certify_per_second: self.certify_rate_limit,
+            certify_burst: self.certify_burst,
+            max_concurrent_streams: self.max_concurrent_streams,
+            ..Limits::default()
+        }
     }
 }
 
@@ -342,6 +409,10 @@ fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
         .map_err(|e: pillion_control_api::spiffe::InvalidName| e.to_string())
 }
 
+fn parse_spiffe_id(s: &str) -> Result<SpiffeId, String> {
+    SpiffeId::try_from(s.to_string())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. `24h`, `30m`, `90s`)"))
 }
@@ -382,6 +453,70 @@ mod tests {
         assert_eq!(args.token_review_ca, PathBuf::from(SA_DIR).join("ca.crt"));
         assert_eq!(args.token_review_token, PathBuf::from(SA_DIR).join("token"));
         assert_eq!(args.cert_lifetime, Duration::from_secs(24 * 3600));
+        assert!(!args.plaintext);
+        assert_eq!(args.token_review_audiences(), vec!["pillion".to_string()]);
+        assert_eq!(
+            args.control_identity().unwrap().0,
+            "spiffe://cluster.local/ns/pillion-system/sa/pillion-control"
+        );
+    }
+
+    fn serve_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let base = [
+            "pillion-control",
+            "serve",
+            "--issuer-cert=a",
+            "--issuer-key=b",
+            "--trust-anchors=c",
+            "--tokens=t",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        match cli.command {
+            Command::Serve(args) => Ok(*args),
+            _ => panic!("serve"),
+        }
+    }
+
+    #[test]
+    fn tls_identity_audience_and_limits() {
+        let args = serve_args(&["--token-review-audience="]).unwrap();
+        assert!(
+            args.token_review_audiences().is_empty(),
+            "explicit empty = API server default"
+        );
+        let args = serve_args(&["--token-review-audience=pillion,vault"]).unwrap();
+        assert_eq!(args.token_review_audiences(), vec!["pillion", "vault"]);
+
+        let args = serve_args(&["--trust-domain=example.org", "--plaintext"]).unwrap();
+        assert!(args.plaintext);
+        assert_eq!(
+            args.control_identity().unwrap().0,
+            "spiffe://example.org/ns/pillion-system/sa/pillion-control"
+        );
+        let args = serve_args(&["--identity=spiffe://cluster.local/ns/mesh/sa/control"]).unwrap();
+        assert_eq!(
+            args.control_identity().unwrap().0,
+            "spiffe://cluster.local/ns/mesh/sa/control"
+        );
+        let args = serve_args(&["--identity=spiffe://other.org/ns/mesh/sa/control"]).unwrap();
+        assert!(
+            args.control_identity()
+                .unwrap_err()
+                .contains("PILLION_CONTROL_IDENTITY")
+        );
+        for bad in [
+            "--identity=https://x/y",
+            "--identity=spiffe://cluster.local",
+            "--certify-rate-limit=0",
+            "--max-concurrent-streams=0",
+        ] {
+            let err = serve_args(&[bad]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+        }
+        let limits = serve_args(&["--certify-rate-limit=5", "--certify-burst=7"])
+            .unwrap()
+            .limits();
+        assert_eq!((limits.certify_per_second, limits.certify_burst), (5, 7));
     }
 
     #[test]

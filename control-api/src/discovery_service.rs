@@ -3,6 +3,11 @@
 //! Each stream sends the destination's complete state at once and again whenever a policy reload
 //! changes *that destination's* state; reloads that leave it equal send nothing. Streams end when
 //! the server shuts down, so graceful shutdown is not held up by watchers that never hang up.
+//!
+//! Over TLS a watcher must present a workload certificate (`UNAUTHENTICATED` otherwise), and a
+//! destination's `inbound_authorization` is sent only to a watcher whose identity is one of that
+//! destination's endpoint identities: a workload learns its own inbound policy, not who may call
+//! others. With `--plaintext` nothing identifies the watcher and every field is sent, as before.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -12,8 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    policy::{Policy, PolicyWatch, convert::destination_update, model::Authority},
+    policy::{
+        Policy, PolicyWatch,
+        convert::destination_update,
+        model::{Authority, SpiffeId},
+    },
     proto::{DestinationUpdate, WatchRequest, discovery_server::Discovery},
+    tls::{ControlPeer, PeerIdentity},
 };
 
 /// Serves destination watches from the current policy.
@@ -26,6 +36,8 @@ type UpdateStream = Pin<Box<dyn Stream<Item = Result<DestinationUpdate, Status>>
 
 struct StreamState {
     destination: Authority,
+    /// `None` for a plaintext watcher, which gets every field.
+    caller: Option<SpiffeId>,
     policy: watch::Receiver<Arc<Policy>>,
     last: Option<DestinationUpdate>,
     shutdown: CancellationToken,
@@ -42,13 +54,25 @@ impl Discovery for DiscoveryService {
     type WatchStream = UpdateStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = ControlPeer::of(&request);
+        let caller = match peer.identity {
+            PeerIdentity::Plaintext => None,
+            PeerIdentity::Verified(id) => Some(id),
+            PeerIdentity::Anonymous => {
+                tracing::warn!(peer = %peer.addr(), "watch refused: no client certificate");
+                return Err(Status::unauthenticated(
+                    "Watch needs a workload certificate (mutual TLS); call Certify first",
+                ));
+            }
+        };
         let requested = request.into_inner().destination;
         let destination: Authority = requested
             .parse()
             .map_err(|e: String| Status::invalid_argument(format!("destination: {e}")))?;
-        tracing::debug!(%destination, "watch opened");
+        tracing::debug!(%destination, caller = ?caller.as_ref().map(|c| &c.0), "watch opened");
         let state = StreamState {
             destination,
+            caller,
             policy: self.policy.subscribe(),
             last: None,
             shutdown: self.shutdown.clone(),
@@ -61,7 +85,7 @@ impl Discovery for DiscoveryService {
 /// Waits for the destination's state to differ from what was last sent; `None` ends the stream.
 async fn next_update(mut s: StreamState) -> Option<(Result<DestinationUpdate, Status>, StreamState)> {
     loop {
-        let update = destination_update(&s.policy.borrow_and_update(), &s.destination);
+        let update = visible_update(&s.policy.borrow_and_update(), &s.destination, s.caller.as_ref());
         if s.last.as_ref() != Some(&update) {
             s.last = Some(update.clone());
             return Some((Ok(update), s));
@@ -77,5 +101,63 @@ async fn next_update(mut s: StreamState) -> Option<(Result<DestinationUpdate, St
             }
             _ = s.shutdown.cancelled() => return None,
         }
+    }
+}
+
+/// The destination's state as `caller` may see it: its inbound authorization only when the caller
+/// is one of the destination's endpoints (`None` = plaintext, sees everything).
+fn visible_update(policy: &Policy, destination: &Authority, caller: Option<&SpiffeId>) -> DestinationUpdate {
+    let mut update = destination_update(policy, destination);
+    if let Some(caller) = caller {
+        let serves_it = policy
+            .destinations
+            .get(destination)
+            .is_some_and(|d| d.endpoints.iter().any(|e| e.identity.as_ref() == Some(caller)));
+        if !serves_it {
+            update.inbound_authorization = None;
+        }
+    }
+    update
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "
+destinations:
+  - destination: 10.0.0.7:8080
+    endpoints: [{ address: 10.0.0.7:8080, identity: spiffe://cluster.local/ns/default/sa/web }]
+inbound:
+  - port: 8080
+    authorization: deny
+";
+
+    #[test]
+    fn inbound_authorization_only_for_the_destinations_own_workload() {
+        let policy = crate::policy::parse(POLICY, "test").unwrap();
+        let dest: Authority = "10.0.0.7:8080".parse().unwrap();
+        let unknown: Authority = "10.0.0.9:8080".parse().unwrap();
+        let web = SpiffeId::try_from("spiffe://cluster.local/ns/default/sa/web".to_string()).unwrap();
+        let other = SpiffeId::try_from("spiffe://cluster.local/ns/default/sa/client".to_string()).unwrap();
+        assert!(
+            visible_update(&policy, &dest, Some(&web))
+                .inbound_authorization
+                .is_some()
+        );
+        assert!(
+            visible_update(&policy, &dest, Some(&other))
+                .inbound_authorization
+                .is_none()
+        );
+        assert!(
+            visible_update(&policy, &unknown, Some(&web))
+                .inbound_authorization
+                .is_none()
+        );
+        // Everything else is the same for every caller.
+        let mut seen_by_other = visible_update(&policy, &dest, Some(&other));
+        seen_by_other.inbound_authorization = visible_update(&policy, &dest, None).inbound_authorization;
+        assert_eq!(seen_by_other, visible_update(&policy, &dest, None));
     }
 }

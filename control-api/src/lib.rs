@@ -9,7 +9,8 @@
 //! ca          WorkloadId + CSR → X.509-SVID, signed by the operator's issuer
 //! policy      the policy YAML: model, loading with line-numbered errors, reload on change
 //! identity_service / discovery_service   the gRPC services over those parts
-//! server      wires the services onto one listener, with graceful shutdown
+//! tls         the listener's own SPIFFE certificate (renewed in place) and the caller's identity
+//! server      wires the services onto one listener (TLS or --plaintext), limits, graceful shutdown
 //! ```
 //!
 //! [`inject`] is `pillion-control inject`: it adds the init container and the proxy to
@@ -24,6 +25,8 @@ pub mod inject;
 pub mod kube_api;
 pub mod policy;
 pub mod proto;
+pub mod rate_limit;
 pub mod server;
 pub mod spiffe;
+pub mod tls;
 pub mod webhook;

@@ -11,12 +11,13 @@ use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
 use cli::{CaCommand, CaInitArgs, Cli, Command, InjectArgs, LogFormat, ServeArgs};
 use pillion_control_api::{
-    auth::{AnyAuthenticator, TokenFile, TokenReview},
+    auth::{AnyAuthenticator, CachedAuthenticator, TokenFile, TokenReview, cache},
     ca::{self, CertificateAuthority},
     inject,
     kube_api::{KubeApi, KubeApiConfig},
     policy::{Policy, PolicyWatch},
-    server::{self, ControlPlane},
+    server::{self, ControlPlane, Transport},
+    tls::ServerIdentity,
     webhook::{self, CertificateFiles, Namespaces, Webhook},
 };
 use tokio_util::sync::CancellationToken;
@@ -65,6 +66,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .token_review_url()
         .transpose()
         .unwrap_or_else(|e| cli::exit_usage(&e));
+    let control_identity = args.control_identity().unwrap_or_else(|e| cli::exit_usage(&e));
 
     let ca = CertificateAuthority::load(
         &args.issuer_cert,
@@ -74,6 +76,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         args.cert_lifetime,
     )
     .map_err(|e| e.to_string())?;
+    let ca = Arc::new(ca);
     // One API-server client for TokenReview and the webhook's Namespace lookups.
     let kube_api = match &token_review_url {
         Some(api_server) => Some(
@@ -94,8 +97,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             AnyAuthenticator::TokenFile(tokens)
         }
         (None, Some(api)) => {
-            tracing::info!(api_server = ?token_review_url, "authenticating with Kubernetes TokenReview");
-            AnyAuthenticator::TokenReview(TokenReview::with_api(api.clone(), args.token_review_audience.clone()))
+            let audiences = args.token_review_audiences();
+            tracing::info!(api_server = ?token_review_url, ?audiences, "authenticating with Kubernetes TokenReview");
+            if audiences.is_empty() {
+                tracing::warn!(
+                    "--token-review-audience is empty: any token the API server accepts for its default audience is a workload credential"
+                );
+            }
+            AnyAuthenticator::TokenReview(CachedAuthenticator::new(
+                TokenReview::with_api(api.clone(), audiences),
+                cache::DEFAULT_TTL,
+                cache::DEFAULT_MAX_ENTRIES,
+            ))
         }
         // clap requires one of the two.
         (None, None) => cli::exit_usage("one of --tokens or --token-review is required"),
@@ -113,11 +126,26 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
         None => PolicyWatch::fixed(Policy::default()),
     };
+    let transport = if args.plaintext {
+        tracing::warn!(
+            "--plaintext: gRPC without TLS, for local development only: proxies cannot authenticate this server, tokens travel in the clear, and callers are not identified"
+        );
+        Transport::Plaintext
+    } else {
+        let identity = ServerIdentity::new(ca.clone(), control_identity).map_err(|e| e.to_string())?;
+        tracing::info!(
+            spiffe_id = %identity.spiffe_id().0,
+            valid_until = identity.not_after().unix_timestamp(),
+            "control-plane certificate issued"
+        );
+        Transport::Tls(identity)
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (PILLION_CONTROL_LISTEN): {e}", args.listen))?;
     tracing::info!(
         listen = %args.listen,
+        tls = !args.plaintext,
         trust_domain = %args.trust_domain,
         cert_lifetime = %humantime::format_duration(args.cert_lifetime),
         issuer_expires = %ca.issuer_not_after(),
@@ -143,9 +171,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
 
     let plane = ControlPlane {
-        ca: Arc::new(ca),
+        ca,
         authenticator: Arc::new(authenticator),
         policy,
+        transport,
+        limits: args.limits(),
     };
     let server = tokio::spawn(server::serve(listener, plane, shutdown.clone()));
     wait_for_signal().await;

@@ -1,4 +1,5 @@
-//! Certify over real gRPC on loopback: the happy path and each refusal with its status code.
+//! Certify over real gRPC and server-authenticated TLS on loopback: the happy path and each
+//! refusal with its status code.
 
 mod support;
 
@@ -21,8 +22,9 @@ async fn client() -> (IdentityClient<tonic::transport::Channel>, CancellationTok
     ))
     .unwrap();
     let shutdown = CancellationToken::new();
-    let (addr, _) = support::start(ca, tokens, PolicyWatch::fixed(Policy::default()), shutdown.clone()).await;
-    let client = IdentityClient::connect(format!("http://{addr}")).await.unwrap();
+    let running = support::start(ca, tokens, PolicyWatch::fixed(Policy::default()), shutdown.clone()).await;
+    // No client certificate: a proxy asks for its first one over server-authenticated TLS.
+    let client = IdentityClient::new(support::channel(&running, None).await);
     (client, shutdown)
 }
 

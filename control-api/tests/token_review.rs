@@ -3,14 +3,19 @@
 
 mod support;
 
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use pillion_control_api::{
-    auth::{AuthError, Authenticator, TokenReview, TokenReviewConfig, WorkloadId},
+    auth::{AuthError, Authenticator, CachedAuthenticator, TokenReview, TokenReviewConfig, WorkloadId, cache},
     policy::{Policy, PolicyWatch},
     proto::{CertifyRequest, identity_client::IdentityClient},
 };
@@ -19,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 const CONTROL_PLANE_TOKEN: &str = "control-plane-sa-token";
+/// The token of the cache test, and how many reviews of it the fake API server answered.
+const CACHED_TOKEN: &str = "good-cached";
+static CACHED_TOKEN_REVIEWS: AtomicUsize = AtomicUsize::new(0);
 
 struct FakeApiServer {
     addr: SocketAddr,
@@ -47,6 +55,9 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     assert_eq!(review["kind"], "TokenReview");
     assert_eq!(review["apiVersion"], "authentication.k8s.io/v1");
     let token = review["spec"]["token"].as_str().unwrap_or_default();
+    if token == CACHED_TOKEN {
+        CACHED_TOKEN_REVIEWS.fetch_add(1, Ordering::SeqCst);
+    }
     let wanted: Vec<String> = review["spec"]["audiences"]
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
@@ -143,8 +154,8 @@ async fn certify_through_token_review() {
     let auth = review(&server, &dir, &["pillion"], &server.ca_pem);
     let (ca, _) = support::test_ca();
     let shutdown = CancellationToken::new();
-    let (addr, _) = support::start(ca, auth, PolicyWatch::fixed(Policy::default()), shutdown.clone()).await;
-    let mut client = IdentityClient::connect(format!("http://{addr}")).await.unwrap();
+    let running = support::start(ca, auth, PolicyWatch::fixed(Policy::default()), shutdown.clone()).await;
+    let mut client = IdentityClient::new(support::channel(&running, None).await);
 
     let ok = client
         .certify(CertifyRequest {
@@ -164,5 +175,46 @@ async fn certify_through_token_review() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_same_good_token_twice_is_reviewed_once() {
+    let server = fake_api_server().await;
+    let dir = support::TempDir::new("token-review");
+    // As `pillion-control serve` wires it: TokenReview behind the cache of successes.
+    let auth = CachedAuthenticator::new(
+        review(&server, &dir, &["pillion"], &server.ca_pem),
+        cache::DEFAULT_TTL,
+        cache::DEFAULT_MAX_ENTRIES,
+    );
+    let (ca, _) = support::test_ca();
+    let shutdown = CancellationToken::new();
+    let running = support::start(ca, auth, PolicyWatch::fixed(Policy::default()), shutdown.clone()).await;
+    let mut client = IdentityClient::new(support::channel(&running, None).await);
+    for _ in 0..2 {
+        let ok = client
+            .certify(CertifyRequest {
+                token: CACHED_TOKEN.into(),
+                csr_der: support::csr(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ok.spiffe_id, "spiffe://cluster.local/ns/default/sa/web");
+    }
+    assert_eq!(CACHED_TOKEN_REVIEWS.load(Ordering::SeqCst), 1);
+
+    // Failures are not cached: each bogus token goes to the API server again.
+    for _ in 0..2 {
+        let refused = client
+            .certify(CertifyRequest {
+                token: "forged".into(),
+                csr_der: support::csr(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
     shutdown.cancel();
 }

@@ -2,13 +2,16 @@
 //!
 //! The identity service trusts only an [`Authenticator`]'s answer; the CSR never names the identity.
 //! Two implementations: a token file for standalone use ([`TokenFile`]) and Kubernetes TokenReview
-//! for clusters ([`TokenReview`]). [`AnyAuthenticator`] picks one at start-up without boxing.
+//! for clusters ([`TokenReview`]). [`AnyAuthenticator`] picks one at start-up without boxing;
+//! [`CachedAuthenticator`] remembers successes for a minute so reviews do not flood the API server.
 
+pub mod cache;
 mod token_file;
 mod token_review;
 
 use std::future::Future;
 
+pub use cache::CachedAuthenticator;
 pub use token_file::{TokenFile, TokenFileError};
 pub use token_review::{TokenReview, TokenReviewConfig, TokenReviewError};
 
@@ -35,7 +38,8 @@ pub trait Authenticator: Send + Sync + 'static {
 #[allow(clippy::large_enum_variant)]
 pub enum AnyAuthenticator {
     TokenFile(TokenFile),
-    TokenReview(TokenReview),
+    /// Successful reviews are cached: see [`cache`].
+    TokenReview(CachedAuthenticator<TokenReview>),
 }
 
 impl Authenticator for AnyAuthenticator {

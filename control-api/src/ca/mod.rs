@@ -32,6 +32,8 @@ pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     /// Issuer first, then any further intermediates; trust anchors excluded.
     chain: Vec<CertificateDer<'static>>,
+    /// The roots every certificate we sign chains to; also what client certificates are checked against.
+    trust_anchors: Vec<CertificateDer<'static>>,
     issuer_not_before: OffsetDateTime,
     issuer_not_after: OffsetDateTime,
     lifetime: Duration,
@@ -153,6 +155,7 @@ impl CertificateAuthority {
             trust_domain,
             issuer: signer,
             chain,
+            trust_anchors: anchors,
             issuer_not_before,
             issuer_not_after,
             lifetime,
@@ -168,10 +171,26 @@ impl CertificateAuthority {
         self.issuer_not_after
     }
 
+    /// The trust anchors (roots), DER.
+    pub fn trust_anchors(&self) -> &[CertificateDer<'static>] {
+        &self.trust_anchors
+    }
+
+    /// The lifetime of issued certificates (before clipping to the issuer's expiry).
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
     /// Verifies `csr` and signs its public key for `workload`.
     pub fn sign(&self, workload: &WorkloadId, csr: &[u8]) -> Result<Svid, SignError> {
         let csr = verify_csr(csr)?;
-        let spiffe_id = self.trust_domain.spiffe_id(workload);
+        self.issue(self.trust_domain.spiffe_id(workload), &csr.public_key)
+    }
+
+    /// Signs `public_key` for `spiffe_id` with the workload profile. The caller vouches for the
+    /// ID: [`sign`](Self::sign) derives it from an authenticated token, the control plane's own
+    /// certificate from its configuration.
+    pub fn issue(&self, spiffe_id: String, public_key: &impl rcgen::PublicKeyData) -> Result<Svid, SignError> {
         let now = OffsetDateTime::now_utc();
 
         let mut params = CertificateParams::default();
@@ -191,7 +210,7 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
 
         let leaf = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| SignError::Internal(e.to_string()))?;
         Ok(Svid {
             leaf: leaf.der().clone(),
