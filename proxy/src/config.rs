@@ -115,7 +115,8 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "pillion-proxy", version, about = "Pillion's transparent sidecar proxy")]
 struct Args {
-    /// Listener for traffic entering the pod (iptables-init redirects it here).
+    /// Listener for traffic entering the pod (iptables-init redirects it here). Left at the
+    /// default, its IPv6 twin `[::]:4143` is bound too when the host has IPv6.
     #[arg(
         long,
         env = "PILLION_INBOUND_ADDR",
@@ -136,6 +137,7 @@ struct Args {
     default_listeners: (bool, bool),
 
     /// Listener(s) for traffic leaving the app, comma separated (e.g. `127.0.0.1:4140,[::1]:4140`).
+    /// Left at the default, `[::1]:4140` is bound too when the host has IPv6.
     #[arg(
         long,
         env = "PILLION_OUTBOUND_ADDR",
