@@ -115,6 +115,7 @@ fn proxy(version: Version, upstream: SocketAddr) -> DuplexStream {
             access_log: false,
         },
         drain: Drain::new(),
+        tcp: metrics.tcp(Direction::Outbound),
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer = SocketAddr::from(([10, 0, 0, 1], 5555));

@@ -24,12 +24,17 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::{config::Config, drain::Drain, exposition, identity::IdentityStore, logging::LogLevel, metrics::Metrics};
+use crate::{
+    config::Config, control::ControlStatus, drain::Drain, exposition, identity::IdentityStore, logging::LogLevel,
+    metrics::Metrics,
+};
 
 /// What the admin endpoints read and control.
 pub struct Admin {
     pub config: Config,
     pub identity: Option<Arc<IdentityStore>>,
+    /// The control channel's state, when there is a control plane.
+    pub control: Option<Arc<ControlStatus>>,
     pub metrics: Arc<Metrics>,
     pub listeners_bound: Readiness,
     pub drain: Drain,
@@ -154,14 +159,19 @@ impl Admin {
                 let body = json!({
                     "config": &self.config,
                     "log": self.log.current(),
-                    "control_plane": match &self.config.control_addr {
+                    "control_plane": match &self.control {
                         // Values are spelt as in `/identity`'s `source` and the config's.
-                        Some(addr) => json!({ "mode": "control-plane", "address": addr }),
+                        Some(status) => {
+                            let mut state = status.to_json();
+                            state["mode"] = json!("control-plane");
+                            state
+                        }
                         None => json!({ "mode": "standalone" }),
                     },
                     "identity": self.identity.as_ref().map(|store| json!({
                         "source": store.source,
                         "certificate_held": store.has_certificate(),
+                        "certificate_valid": store.has_valid_certificate(SystemTime::now()),
                     })),
                     "draining": self.drain.is_draining(),
                 });
@@ -180,10 +190,15 @@ impl Admin {
         }
     }
 
-    /// Listeners bound, the first certificate held (when identity is configured), not draining.
+    /// Listeners bound, a certificate held and not expired (when identity is configured), not
+    /// draining. An expired identity cannot secure traffic: the pod leaves its Services' endpoints
+    /// until a renewal succeeds.
     fn is_ready(&self) -> bool {
         self.listeners_bound.get()
-            && self.identity.as_ref().is_none_or(|store| store.has_certificate())
+            && self
+                .identity
+                .as_ref()
+                .is_none_or(|store| store.has_valid_certificate(SystemTime::now()))
             && !self.drain.is_draining()
     }
 
@@ -200,7 +215,9 @@ impl Admin {
             "not_before": held.as_ref().map(|h| unix(h.not_before)),
             "not_after": held.as_ref().map(|h| unix(h.not_after)),
             "expires_in_seconds": held.as_ref().map(|h| h.not_after.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs())),
+            "expired": held.as_ref().map(|h| h.not_after <= SystemTime::now()),
             "trust_anchor_sha256": store.trust_anchor_fingerprints(),
+            "control_plane": self.control.as_ref().map(|status| status.to_json()),
         });
         let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())));
         rsp.headers_mut().insert(

@@ -13,7 +13,6 @@ use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
 };
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use crate::{
@@ -22,6 +21,7 @@ use crate::{
     authz::Authorizer,
     config::{Config, IdentitySource, TrustAnchors},
     conn_limit::ConnLimit,
+    control::{ControlPlane, ControlStatus},
     detect::DetectSettings,
     discovery::{Discovery, DiscoverySettings},
     drain::Drain,
@@ -66,7 +66,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     )?));
 
     // So is the identity configuration: trust anchors parse, static certificates load.
-    let mesh = mesh(&config, &metrics)?;
+    let (mesh, control) = mesh(&config, &metrics)?;
 
     let bind = |what, addr| transport::bind(addr).map_err(|source| AppError::Bind { what, addr, source });
     let admin_listener = bind("admin", config.admin_addr)?;
@@ -126,6 +126,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         )),
         settings: http_settings,
         drain: drain.clone(),
+        tcp: metrics.tcp(direction),
     };
     if let Some(path) = &config.route_file {
         tokio::spawn(reload::watch(path.clone(), policy.clone(), metrics.http.clone()));
@@ -153,9 +154,12 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             fixed_target: config.inbound_target,
             pod_ips: Some(pod_ips.clone()),
         };
-        tokio::spawn(accept::serve(listener, settings, drain.clone(), inbound_limit.clone().serve(move |conn| {
-            inbound.clone().proxy(conn)
-        })));
+        tokio::spawn(accept::serve(
+            listener,
+            settings,
+            drain.clone(),
+            inbound_limit.clone().serve(move |conn| inbound.clone().proxy(conn)),
+        ));
     }
 
     let outbound = Arc::new(Outbound {
@@ -174,9 +178,12 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             fixed_target: config.outbound_target,
             pod_ips: None,
         };
-        tokio::spawn(accept::serve(listener, settings, drain.clone(), outbound_limit.clone().serve(move |conn| {
-            outbound.clone().proxy(conn)
-        })));
+        tokio::spawn(accept::serve(
+            listener,
+            settings,
+            drain.clone(),
+            outbound_limit.clone().serve(move |conn| outbound.clone().proxy(conn)),
+        ));
     }
 
     let grace = config.shutdown_grace_period;
@@ -192,6 +199,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
     );
     let admin = Arc::new(Admin {
         identity: mesh.as_ref().map(|m| m.store.clone()),
+        control,
         config,
         metrics,
         listeners_bound: listeners_bound.clone(),
@@ -230,12 +238,17 @@ fn bind_ipv6_twin(what: &'static str, addr: Option<SocketAddr>) -> Result<Option
     }
 }
 
-/// Builds the identity store, its certificate source and the mesh TLS configs, or `None` when
-/// no identity is configured. Everything that can be checked before binding is checked here.
-fn mesh(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Mesh>>, AppError> {
+/// The mesh (when an identity is configured) and the control channel's status (when there is a
+/// control plane).
+type MeshParts = (Option<Arc<Mesh>>, Option<Arc<ControlStatus>>);
+
+/// Builds the identity store, its certificate source, the control channel and the mesh TLS
+/// configs, or `None` when no identity is configured. Everything that can be checked before
+/// binding is checked here.
+fn mesh(config: &Config, metrics: &Metrics) -> Result<MeshParts, AppError> {
     let fail = |e: String| AppError::Identity(e);
     let source = match &config.identity {
-        IdentitySource::None => return Ok(None),
+        IdentitySource::None => return Ok((None, None)),
         IdentitySource::ControlPlane { .. } => "control-plane",
         IdentitySource::Files { .. } => "files",
     };
@@ -251,13 +264,8 @@ fn mesh(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Mesh>>, AppErro
         source,
         metrics.identity_expiry.clone(),
     ));
-    let channel = match &config.control_addr {
-        Some(addr) => Some(
-            Endpoint::from_shared(addr.clone())
-                .map_err(|e| fail(format!("PILLION_CONTROL_ADDR {addr}: {e}")))?
-                .connect_timeout(std::time::Duration::from_secs(3))
-                .connect_lazy(),
-        ),
+    let control = match &config.control_addr {
+        Some(addr) => Some(ControlPlane::new(addr, &config.control_channel, &store).map_err(|e| fail(e.to_string()))?),
         None => None,
     };
     match &config.identity {
@@ -276,20 +284,25 @@ fn mesh(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Mesh>>, AppErro
                     token_file.display()
                 )));
             }
-            if let Some(channel) = &channel {
+            if let Some(control) = &control {
                 tokio::spawn(identity::control::run(
                     store.clone(),
-                    channel.clone(),
+                    control.identity.clone(),
                     token_file.clone(),
+                    identity::control::Expectations {
+                        identity: config.expected_identity.clone(),
+                        rejected: metrics.identity_rejected.clone(),
+                    },
                 ));
             }
         }
         IdentitySource::None => {}
     }
-    let discovery = channel.map(|channel| {
+    let status = control.as_ref().map(|c| c.status.clone());
+    let discovery = control.map(|control| {
         let settings = DiscoverySettings::from_config(config);
-        Discovery::new(channel, settings, metrics.discovery_destinations.clone())
+        Discovery::new(control.discovery, settings, metrics.discovery_destinations.clone())
     });
     let tls = MeshTls::new(store.clone()).map_err(|e| fail(e.to_string()))?;
-    Ok(Some(Arc::new(Mesh { tls, store, discovery })))
+    Ok((Some(Arc::new(Mesh { tls, store, discovery })), status))
 }

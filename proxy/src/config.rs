@@ -17,7 +17,7 @@ use clap::{
 use serde::{Serialize, Serializer};
 use tracing_subscriber::EnvFilter;
 
-use crate::authz::Authorization;
+use crate::{authz::Authorization, tls::spiffe::SpiffeId};
 
 /// The proxy's settings after validation; the single source of truth passed down to the runtime.
 #[derive(Clone, Debug, Serialize)]
@@ -64,10 +64,30 @@ pub struct Config {
     pub discovery_idle_timeout: Duration,
     /// Control-plane gRPC address (`http://host:port`); `None` = standalone.
     pub control_addr: Option<String>,
+    /// How the control plane is reached: TLS to this identity, or plaintext by explicit choice.
+    pub control_channel: ControlChannel,
+    /// The identity this proxy must be issued (`PILLION_IDENTITY_SPIFFE_ID`); any other is refused.
+    #[serde(serialize_with = "display_option")]
+    pub expected_identity: Option<SpiffeId>,
     pub identity: IdentitySource,
     pub trust_anchors: Option<TrustAnchors>,
     #[serde(serialize_with = "display")]
     pub inbound_default_authorization: Authorization,
+}
+
+/// How the proxy talks to the control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "security")]
+pub enum ControlChannel {
+    /// No control plane configured.
+    None,
+    /// TLS 1.3; the control plane must present this SPIFFE ID, chained to the trust anchors.
+    Tls {
+        #[serde(serialize_with = "display")]
+        identity: SpiffeId,
+    },
+    /// Plaintext, because the operator said so (`PILLION_CONTROL_PLAINTEXT=true`): development only.
+    Plaintext,
 }
 
 /// Where the workload certificate comes from.
@@ -209,6 +229,19 @@ struct Args {
     #[arg(long, env = "PILLION_CONTROL_ADDR", value_name = "ADDR", value_parser = parse_control_addr)]
     control_addr: Option<String>,
 
+    /// The SPIFFE ID the control plane must present (TLS on the control channel), e.g.
+    /// spiffe://cluster.local/ns/pillion-system/sa/pillion-control.
+    #[arg(long, env = "PILLION_CONTROL_IDENTITY", value_name = "SPIFFE_ID", value_parser = parse_spiffe_id)]
+    control_identity: Option<SpiffeId>,
+
+    /// Talk to the control plane in plaintext, unauthenticated: local development only.
+    #[arg(long, env = "PILLION_CONTROL_PLAINTEXT", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    control_plaintext: bool,
+
+    /// The SPIFFE ID this proxy expects to be issued; a certificate for any other is refused.
+    #[arg(long, env = "PILLION_IDENTITY_SPIFFE_ID", value_name = "SPIFFE_ID", value_parser = parse_spiffe_id)]
+    identity_spiffe_id: Option<SpiffeId>,
+
     /// Workload token sent with certificate requests (e.g. a projected service-account token).
     #[arg(long, env = "PILLION_IDENTITY_TOKEN_FILE", value_name = "PATH")]
     identity_token_file: Option<PathBuf>,
@@ -278,6 +311,12 @@ pub enum ConfigError {
     ControlPlaneWithoutIdentity,
     #[error("a workload identity needs trust anchors: PILLION_TRUST_ANCHORS or PILLION_TRUST_ANCHORS_FILE")]
     NoTrustAnchors,
+    #[error(
+        "PILLION_CONTROL_ADDR needs PILLION_CONTROL_IDENTITY (the control plane's SPIFFE ID, for TLS), or PILLION_CONTROL_PLAINTEXT=true for local development"
+    )]
+    ControlPlaneUnauthenticated,
+    #[error("PILLION_CONTROL_IDENTITY and PILLION_CONTROL_PLAINTEXT=true contradict each other: choose one")]
+    ControlPlaneTlsAndPlaintext,
     #[error("cannot read the interface addresses for the PILLION_INBOUND_IPS default ({0}); set PILLION_INBOUND_IPS")]
     InterfaceAddresses(std::io::Error),
     #[error("{first} and {second} are both {addr}: every listener needs its own address")]
@@ -343,6 +382,13 @@ impl TryFrom<Args> for Config {
         if identity != IdentitySource::None && trust_anchors.is_none() {
             return Err(ConfigError::NoTrustAnchors);
         }
+        let control_channel = match (&args.control_addr, args.control_identity, args.control_plaintext) {
+            (None, _, _) => ControlChannel::None,
+            (Some(_), Some(_), true) => return Err(ConfigError::ControlPlaneTlsAndPlaintext),
+            (Some(_), Some(identity), false) => ControlChannel::Tls { identity },
+            (Some(_), None, true) => ControlChannel::Plaintext,
+            (Some(_), None, false) => return Err(ConfigError::ControlPlaneUnauthenticated),
+        };
         let inbound_ips = match args.inbound_ips {
             Some(IpList(addrs)) => InboundIps {
                 source: "PILLION_INBOUND_IPS",
@@ -363,6 +409,8 @@ impl TryFrom<Args> for Config {
         };
         Ok(Config {
             control_addr: args.control_addr,
+            control_channel,
+            expected_identity: args.identity_spiffe_id,
             identity,
             trust_anchors,
             inbound_default_authorization: args.inbound_default_authorization,
@@ -504,6 +552,17 @@ impl Serialize for TrustAnchors {
 
 fn display<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(value)
+}
+
+fn parse_spiffe_id(s: &str) -> Result<SpiffeId, String> {
+    SpiffeId::parse(s).map_err(|e| e.to_string())
+}
+
+fn display_option<T: std::fmt::Display, S: Serializer>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
 }
 
 fn parse_control_addr(s: &str) -> Result<String, String> {
@@ -648,16 +707,47 @@ mod tests {
         assert!(e.contains("PILLION_CONTROL_ADDR"), "{e}");
         let e = parse(&["--control-addr", "ctl:8090", "--identity-token-file", "t"]).unwrap_err();
         assert!(e.contains("trust anchors"), "{e}");
-        let c = parse(&[
+        let base = [
             "--control-addr",
             "ctl:8090",
             "--identity-token-file",
             "t",
             "--trust-anchors-file",
             "r.pem",
-        ])
-        .unwrap();
+        ];
+        // The control channel is TLS to a named identity, or plaintext only when asked for.
+        let e = parse(&base).unwrap_err();
+        assert!(
+            e.contains("PILLION_CONTROL_IDENTITY") && e.contains("PILLION_CONTROL_PLAINTEXT"),
+            "{e}"
+        );
+        let control_id = "--control-identity=spiffe://cluster.local/ns/pillion-system/sa/pillion-control";
+        let c = parse(&[&base[..], &[control_id]].concat()).unwrap();
         assert_eq!(c.control_addr.as_deref(), Some("http://ctl:8090"));
+        assert!(
+            matches!(&c.control_channel, ControlChannel::Tls { identity } if identity.as_str().ends_with("/sa/pillion-control"))
+        );
+        let c = parse(&[&base[..], &["--control-plaintext=true"]].concat()).unwrap();
+        assert_eq!(c.control_channel, ControlChannel::Plaintext);
+        let e = parse(&[&base[..], &[control_id, "--control-plaintext=true"]].concat()).unwrap_err();
+        assert!(e.contains("contradict"), "{e}");
+        let e = parse(&[&base[..], &["--control-identity=https://evil"]].concat()).unwrap_err();
+        assert!(e.contains("PILLION_CONTROL_IDENTITY"), "{e}");
+        let c = parse(
+            &[
+                &base[..],
+                &[
+                    control_id,
+                    "--identity-spiffe-id=spiffe://cluster.local/ns/shop/sa/web.v2",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.expected_identity.unwrap().as_str(),
+            "spiffe://cluster.local/ns/shop/sa/web.v2"
+        );
         let e = parse(&["--control-addr", "ftp://x:1"]).unwrap_err();
         assert!(e.contains("PILLION_CONTROL_ADDR"), "{e}");
         let e = parse(&["--inbound-default-authorization", "maybe"]).unwrap_err();

@@ -12,6 +12,7 @@ pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conn_limit;
+pub mod control;
 pub mod counted_io;
 pub mod detect;
 pub mod discovery;

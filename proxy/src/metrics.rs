@@ -58,6 +58,8 @@ pub struct Metrics {
     pub http: Arc<HttpMetrics>,
     /// The workload certificate's notAfter, unix seconds (0 until one is held).
     pub identity_expiry: Gauge,
+    /// Certificates from the control plane refused before use (untrusted, wrong identity, ...).
+    pub identity_rejected: Counter,
     /// Destinations discovery follows now (one control-plane stream each).
     pub discovery_destinations: Gauge,
 }
@@ -186,6 +188,12 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             identity_expiry.clone(),
         );
+        let identity_rejected = Counter::default();
+        registry.register(
+            "identity_cert_rejected",
+            "Certificates returned by the control plane and refused before use: not chained to the trust anchors, not valid now, for another identity, or not matching our key",
+            identity_rejected.clone(),
+        );
         let discovery_destinations = Gauge::default();
         registry.register(
             "discovery_destinations",
@@ -197,6 +205,7 @@ impl Metrics {
             tcp,
             http,
             identity_expiry,
+            identity_rejected,
             discovery_destinations,
         }
     }

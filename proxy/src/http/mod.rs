@@ -37,7 +37,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower::{Service, ServiceBuilder};
 use tracing::debug;
 
-use crate::{drain::Drain, metrics::Direction, policy::reload::SharedPolicy};
+use crate::{
+    counted_io::CountedIo,
+    drain::Drain,
+    metrics::{Direction, TcpMetrics},
+    policy::reload::SharedPolicy,
+};
 use body::RequestBody;
 use upstream::{Pool, Upstream, Version};
 
@@ -62,6 +67,8 @@ pub struct HttpProxy {
     pub pool: Arc<Pool>,
     pub settings: HttpSettings,
     pub drain: Drain,
+    /// The direction's TCP counters: an HTTP connection's bytes count like an opaque one's.
+    pub tcp: TcpMetrics,
 }
 
 impl HttpProxy {
@@ -76,6 +83,7 @@ impl HttpProxy {
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let io = CountedIo::new(io, self.tcp.read_bytes.clone(), self.tcp.write_bytes.clone());
         let stack = ServiceBuilder::new()
             .layer(route::RouteLayer::new(self.policy.clone(), self.direction, dst))
             .layer(metrics::MetricsLayer {

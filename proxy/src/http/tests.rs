@@ -110,6 +110,7 @@ fn proxy_with_idle_timeout(
             access_log: true,
         },
         drain: Drain::new(),
+        tcp: metrics.tcp(Direction::Outbound),
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();

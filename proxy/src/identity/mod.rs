@@ -4,6 +4,7 @@
 //! trust anchors. Sources fill it: static files re-read on change ([`files`]), or the control
 //! plane's CA through CSRs ([`control`]). Readiness waits for the first certificate.
 
+pub mod check;
 pub mod control;
 pub mod files;
 
@@ -93,6 +94,12 @@ impl IdentityStore {
         *self.ready.borrow()
     }
 
+    /// A certificate is held and `now` is within its validity.
+    pub fn has_valid_certificate(&self, now: SystemTime) -> bool {
+        self.current()
+            .is_some_and(|held| held.not_before <= now && now < held.not_after)
+    }
+
     /// Resolves once the first certificate is held.
     pub async fn wait_for_certificate(&self) {
         let mut rx = self.ready.subscribe();
@@ -154,10 +161,11 @@ pub fn sha256_hex(der: &[u8]) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// When to renew: at 70% of the remaining lifetime, clamped to 10 s – 24 h (as Linkerd does).
+/// When to renew: at 70% of the remaining lifetime, clamped to 10 s – 24 h (as Linkerd does),
+/// and never sooner than a second, so a certificate about to expire cannot make a busy loop.
 pub fn renewal_delay(held: &Held, now: SystemTime) -> Duration {
     let remaining = held.not_after.duration_since(now).unwrap_or_default();
-    let floor = Duration::from_secs(10).min(remaining / 2);
+    let floor = Duration::from_secs(10).min(remaining / 2).max(Duration::from_secs(1));
     remaining
         .mul_f64(0.7)
         .clamp(floor, Duration::from_secs(24 * 3600).max(floor))

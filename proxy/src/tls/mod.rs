@@ -3,6 +3,11 @@
 //!
 //! TLS 1.3 only, aws-lc-rs, with the post-quantum hybrid key exchange (X25519MLKEM768)
 //! preferred. Clients present their workload certificate; servers require one.
+//!
+//! No session resumption, on either side: a resumed TLS 1.3 session skips certificate
+//! verification, so a ticket made with a certificate would outlive its expiry (and a revoked
+//! trust anchor). Every connection is a full handshake that checks the peer's certificate now;
+//! docs/performance.md has what that costs.
 
 pub mod spiffe;
 pub mod verify;
@@ -23,6 +28,7 @@ use rustls::{
 };
 
 use crate::identity::IdentityStore;
+use spiffe::SpiffeId;
 
 /// The two rustls configurations a proxy needs.
 #[derive(Clone)]
@@ -88,6 +94,9 @@ impl MeshTls {
             .map_err(config_error)?
             .with_client_cert_verifier(client_verifier)
             .with_cert_resolver(Arc::new(StoreResolver(store.clone())));
+        let mut server = server;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
 
         let server_verifier = verify::SpiffeServerVerifier::new(roots, provider.signature_verification_algorithms);
         let client = ClientConfig::builder_with_provider(provider)
@@ -96,11 +105,44 @@ impl MeshTls {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(server_verifier))
             .with_client_cert_resolver(Arc::new(StoreResolver(store)));
+        let mut client = client;
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(MeshTls {
             server: Arc::new(server),
             client: Arc::new(client),
         })
     }
+}
+
+/// The client configuration of the control channel: TLS 1.3 to `expected` (chained to our trust
+/// anchors), ALPN h2 for gRPC. With `present_certificate`, our workload certificate is offered
+/// (mutual TLS, once we hold one), so the control plane knows which workload is asking.
+pub fn control_client(
+    store: Arc<IdentityStore>,
+    expected: SpiffeId,
+    present_certificate: bool,
+    on_verified: Option<verify::OnVerified>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = verify::SpiffeServerVerifier::for_identity(
+        store.trust_anchors(),
+        provider.signature_verification_algorithms,
+        expected,
+        on_verified,
+    );
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut config = if present_certificate {
+        builder.with_client_cert_resolver(Arc::new(StoreResolver(store)))
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
 }
 
 /// Hands rustls whatever certificate the store holds at handshake time.

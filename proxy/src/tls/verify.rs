@@ -19,16 +19,51 @@ use rustls::{
 
 use super::spiffe::SpiffeId;
 
-/// Verifies a mesh server: chain to our trust anchors, then its SPIFFE ID against the SNI's.
-#[derive(Debug)]
+/// Told each identity a server proved (the control channel's status shows it).
+pub type OnVerified = Arc<dyn Fn(&SpiffeId) + Send + Sync>;
+
+/// Verifies a mesh server: chain to our trust anchors, then its SPIFFE ID against the one expected.
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// `None`: the SNI names the expected identity (mesh peers). `Some`: always this identity,
+    /// whatever name was dialled (the control plane, reached by its Service's DNS name).
+    expected: Option<SpiffeId>,
+    /// Called after each successful verification (the control channel's status).
+    on_verified: Option<OnVerified>,
+}
+
+impl std::fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SpiffeServerVerifier {
     pub fn new(roots: Arc<RootCertStore>, algorithms: WebPkiSupportedAlgorithms) -> Self {
-        SpiffeServerVerifier { roots, algorithms }
+        SpiffeServerVerifier {
+            roots,
+            algorithms,
+            expected: None,
+            on_verified: None,
+        }
+    }
+
+    /// A verifier that accepts only `expected`, however the server was addressed.
+    pub fn for_identity(
+        roots: Arc<RootCertStore>,
+        algorithms: WebPkiSupportedAlgorithms,
+        expected: SpiffeId,
+        on_verified: Option<OnVerified>,
+    ) -> Self {
+        SpiffeServerVerifier {
+            roots,
+            algorithms,
+            expected: Some(expected),
+            on_verified,
+        }
     }
 }
 
@@ -43,16 +78,20 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algorithms.all)?;
-        let ServerName::DnsName(sni) = server_name else {
-            return Err(Error::General("mesh TLS needs an identity name as SNI".into()));
+        let expected = match (&self.expected, server_name) {
+            (Some(expected), _) => expected.clone(),
+            (None, ServerName::DnsName(sni)) => SpiffeId::from_sni(sni.as_ref())
+                .ok_or_else(|| Error::General(format!("SNI {:?} names no identity", sni.as_ref())))?,
+            (None, _) => return Err(Error::General("mesh TLS needs an identity name as SNI".into())),
         };
-        let expected = SpiffeId::from_sni(sni.as_ref())
-            .ok_or_else(|| Error::General(format!("SNI {:?} names no identity", sni.as_ref())))?;
         let actual = SpiffeId::from_certificate(end_entity).map_err(|e| Error::General(e.to_string()))?;
         if actual != expected {
             return Err(Error::General(format!(
                 "server identity is {actual}, expected {expected}"
             )));
+        }
+        if let Some(on_verified) = &self.on_verified {
+            on_verified(&actual);
         }
         Ok(ServerCertVerified::assertion())
     }
