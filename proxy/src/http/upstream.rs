@@ -806,6 +806,7 @@ mod tests {
                     access_log: false,
                 },
                 drain: Drain::new(),
+                tcp: metrics.tcp(Direction::Outbound),
             });
 
             // Discovery has not answered within its first wait: plaintext, and the connection is held.
