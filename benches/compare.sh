@@ -291,7 +291,7 @@ start_nginx() {  # NAME CONF PORT
 
 # NAME=VALUE words that give a proxy an identity from the control plane (TOKEN_FILE).
 identity_env() {
-    echo "PILLION_CONTROL_ADDR=http://127.0.0.1:$P_CONTROL PILLION_IDENTITY_TOKEN_FILE=$1 PILLION_TRUST_ANCHORS_FILE=$WORK/ca/root.crt"
+    echo "PILLION_CONTROL_ADDR=http://127.0.0.1:$P_CONTROL PILLION_CONTROL_IDENTITY=spiffe://cluster.local/ns/pillion-system/sa/pillion-control PILLION_IDENTITY_TOKEN_FILE=$1 PILLION_TRUST_ANCHORS_FILE=$WORK/ca/root.crt"
 }
 
 start_everything() {

@@ -25,6 +25,9 @@ use crate::process::{LogDir, Process};
 /// The trust domain of every identity in the local meshes.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
+/// The control plane's own identity (`pillion-control serve`'s default), which proxies verify.
+pub const CONTROL_IDENTITY: &str = "spiffe://cluster.local/ns/pillion-system/sa/pillion-control";
+
 const SERVING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A workload's Kubernetes identity: namespace and service account, and the token that proves it.
@@ -224,10 +227,13 @@ impl ControlPlane {
 }
 
 /// Adds what a proxy needs to take `workload`'s identity from `control`: the control plane's
-/// address, the workload's token file and the trust anchors.
+/// address and identity (TLS on the control channel), the identity the workload must be issued,
+/// the workload's token file and the trust anchors.
 pub fn identity_env(options: PodOptions, control: &ControlPlane, files: &MeshFiles, workload: &Workload) -> PodOptions {
     options
         .proxy_env("PILLION_CONTROL_ADDR", &control.url())
+        .proxy_env("PILLION_CONTROL_IDENTITY", CONTROL_IDENTITY)
+        .proxy_env("PILLION_IDENTITY_SPIFFE_ID", &workload.spiffe_id())
         .proxy_env(
             "PILLION_IDENTITY_TOKEN_FILE",
             &files.token_file(workload).to_string_lossy(),

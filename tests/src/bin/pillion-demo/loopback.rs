@@ -173,6 +173,8 @@ fn start_proxy(
         .env("PILLION_ADMIN_ADDR", ports.admin.to_string())
         .env(target.0, target.1.to_string())
         .env("PILLION_CONTROL_ADDR", control.url())
+        .env("PILLION_CONTROL_IDENTITY", pillion_tests::mesh::CONTROL_IDENTITY)
+        .env("PILLION_IDENTITY_SPIFFE_ID", workload.spiffe_id())
         .env("PILLION_IDENTITY_TOKEN_FILE", files.token_file(workload))
         .env("PILLION_TRUST_ANCHORS_FILE", files.trust_anchors())
         .env("PILLION_CONFIG", routes)
