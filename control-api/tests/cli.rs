@@ -197,3 +197,116 @@ fn unusable_files_exit_1_before_binding() {
     let not_ca = run(&dir.path("root.crt"), &dir.path("issuer.key"), &dir.path("root.crt"));
     assert_eq!(not_ca.status.code(), Some(1));
 }
+
+/// `serve` on `port` with the CA and tokens in `dir`, plus `env`; stderr to `log`.
+fn spawn_serve(dir: &support::TempDir, port: u16, env: &[(&str, &str)], log: &str) -> std::process::Child {
+    let log = std::fs::File::create(dir.path(log)).unwrap();
+    let mut cmd = bin();
+    cmd.arg("serve")
+        .env("PILLION_CONTROL_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PILLION_CONTROL_ISSUER_CERT", dir.path("issuer.crt"))
+        .env("PILLION_CONTROL_ISSUER_KEY", dir.path("issuer.key"))
+        .env("PILLION_CONTROL_TRUST_ANCHORS", dir.path("root.crt"))
+        .env("PILLION_CONTROL_TOKENS", dir.path("tokens.yaml"))
+        .stderr(Stdio::from(log));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// SIGTERM, then the exit status within 10 s.
+async fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn serve_speaks_tls_as_its_identity_or_plaintext_when_told() {
+    use pillion_control_api::proto::{CertifyRequest, identity_client::IdentityClient};
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+
+    let dir = support::TempDir::new("cli-tls");
+    let out = bin().args(["ca", "init", "--out"]).arg(&dir.0).output().unwrap();
+    assert!(out.status.success());
+    let token = "aaaaaaaaaaaaaaaaaaaaaaaa";
+    std::fs::write(
+        dir.path("tokens.yaml"),
+        format!("- {{token: {token}, namespace: default, serviceAccount: web}}\n"),
+    )
+    .unwrap();
+    let anchors: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.path("root.crt"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let request = || CertifyRequest {
+        token: token.to_string(),
+        csr_der: support::csr(),
+    };
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+
+    // Default: TLS, with the identity named by PILLION_CONTROL_IDENTITY.
+    let id = "spiffe://cluster.local/ns/mesh/sa/control";
+    let port = free_port();
+    let child = spawn_serve(&dir, port, &[("PILLION_CONTROL_IDENTITY", id)], "tls.log");
+    wait_for_port(port).await;
+    let addr = ([127, 0, 0, 1], port).into();
+    let config = support::client_config(&anchors, id, None);
+    let channel = support::channel_with(addr, config).await.unwrap();
+    let issued = IdentityClient::new(channel)
+        .certify(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.spiffe_id, "spiffe://cluster.local/ns/default/sa/web");
+    // A plaintext client gets nowhere.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    if let Ok(channel) = plain.connect().await {
+        assert!(IdentityClient::new(channel).certify(request()).await.is_err());
+    }
+    assert_eq!(stop(child).await.code(), Some(0));
+    let log = std::fs::read_to_string(dir.path("tls.log")).unwrap();
+    assert!(
+        log.contains("control-plane certificate issued") && log.contains(id),
+        "{log}"
+    );
+
+    // PILLION_CONTROL_PLAINTEXT=true: the old plaintext server, with a warning.
+    let port = free_port();
+    let child = spawn_serve(&dir, port, &[("PILLION_CONTROL_PLAINTEXT", "true")], "plain.log");
+    wait_for_port(port).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    IdentityClient::new(channel).certify(request()).await.unwrap();
+    assert_eq!(stop(child).await.code(), Some(0));
+    let log = std::fs::read_to_string(dir.path("plain.log")).unwrap();
+    assert!(log.contains("for local development only"), "{log}");
+}
