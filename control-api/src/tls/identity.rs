@@ -69,11 +69,6 @@ impl ServerIdentity {
         self.current.load().not_after
     }
 
-    /// The certificate chain (leaf first) now served.
-    pub fn chain(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
-        self.current.load().key.cert.clone()
-    }
-
     /// Renews the certificate at 70% of its lifetime until `shutdown`; a failed renewal is logged
     /// and retried after a few seconds while the previous certificate keeps serving.
     pub async fn renew(self: Arc<Self>, shutdown: CancellationToken) {
