@@ -304,6 +304,12 @@ impl<I: Socket> Socket for tokio_rustls::client::TlsStream<I> {
     }
 }
 
+impl<I: Socket> Socket for crate::tls::expiry::CertBound<I> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().tcp()
+    }
+}
+
 impl<I: Socket> Socket for PrefixedIo<I> {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().tcp()

@@ -13,7 +13,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 use crate::{
     discovery::Discovery,
     identity::IdentityStore,
-    tls::{MeshTls, spiffe::SpiffeId},
+    tls::{
+        MeshTls,
+        expiry::{CertBound, session_end},
+        spiffe::SpiffeId,
+    },
 };
 
 /// The security decision for a connection to one target: plaintext, or mesh TLS naming the
@@ -58,11 +62,28 @@ impl Mesh {
         })
     }
 
-    /// Opens mTLS over `stream`, naming (and so verifying) the expected server identity.
-    pub async fn connect(&self, stream: TcpStream, id: &SpiffeId) -> io::Result<client::TlsStream<TcpStream>> {
+    /// Opens mTLS over `stream`, naming (and so verifying) the expected server identity. The
+    /// connection ends when either side's certificate expires.
+    pub async fn connect(
+        &self,
+        stream: TcpStream,
+        id: &SpiffeId,
+    ) -> io::Result<CertBound<client::TlsStream<TcpStream>>> {
         let sni = id.to_sni().map_err(io::Error::other)?;
         let name = ServerName::try_from(sni).map_err(io::Error::other)?;
-        TlsConnector::from(self.tls.client.clone()).connect(name, stream).await
+        let tls = TlsConnector::from(self.tls.client.clone())
+            .connect(name, stream)
+            .await?;
+        let until = session_end(self.own_not_after()?, tls.get_ref().1.peer_certificates());
+        Ok(CertBound::new(tls, until))
+    }
+
+    /// When the certificate we present expires (none held: no mesh TLS at all).
+    fn own_not_after(&self) -> io::Result<std::time::SystemTime> {
+        self.store
+            .current()
+            .map(|held| held.not_after)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no workload certificate held"))
     }
 
     /// Whether a buffered ClientHello asks for our identity (by SNI).
@@ -73,8 +94,9 @@ impl Mesh {
         client_hello_sni(client_hello).is_some_and(|sni| sni.eq_ignore_ascii_case(&held.sni))
     }
 
-    /// Terminates mTLS; returns the stream and the client's verified identity.
-    pub async fn accept<I>(&self, io: I) -> io::Result<(server::TlsStream<I>, SpiffeId)>
+    /// Terminates mTLS; returns the stream (ending when either side's certificate expires) and
+    /// the client's verified identity.
+    pub async fn accept<I>(&self, io: I) -> io::Result<(CertBound<server::TlsStream<I>>, SpiffeId)>
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
@@ -86,7 +108,8 @@ impl Mesh {
             .and_then(|certs| certs.first())
             .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "client sent no certificate"))?;
         let id = SpiffeId::from_certificate(peer).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
-        Ok((tls, id))
+        let until = session_end(self.own_not_after()?, tls.get_ref().1.peer_certificates());
+        Ok((CertBound::new(tls, until), id))
     }
 }
 

@@ -589,3 +589,70 @@ fn unknown_port_policy_does_not_fail_open_when_the_control_plane_is_down() {
         "plaintext from outside the mesh reached the app on a port only the client may use"
     );
 }
+
+/// Certificates of 10 s and a control plane that goes away: once both have expired, no new mesh
+/// connection completes (no TLS session outlives its certificate) and both proxies leave their
+/// Services' endpoints (`/ready` 503). When the control plane returns, both re-certify and
+/// traffic flows again, without a restart.
+#[test]
+fn an_expired_identity_fails_closed_and_recovers_with_the_control_plane() {
+    if !require_root("an_expired_identity_fails_closed_and_recovers_with_the_control_plane") {
+        return;
+    }
+    let options = ControlPlaneOptions {
+        cert_lifetime: Some("10s".into()),
+        ..ControlPlaneOptions::default()
+    };
+    let mut mesh = Mesh::start("expiry", &allow(&spiffe_id("default", "client")), options.clone());
+    tcp_ok(&mesh.a, mesh.tcp_addr(), "before").unwrap();
+    http_ok(&mesh.a, mesh.http_addr()).unwrap();
+
+    let control = mesh.control.process();
+    control.signal(libc::SIGKILL);
+    assert!(control.wait_timeout(Duration::from_secs(5)).is_some());
+
+    // Both certificates run out within 10 s of the last renewal.
+    let expired = pillion_tests::poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        let statuses = [mesh.a_admin(), mesh.b_admin()].map(|admin| admin.get("/ready").map(|r| r.status).unwrap_or(0));
+        (statuses == [503, 503]).then_some(())
+    });
+    assert!(
+        expired.is_some(),
+        "both proxies should turn not-ready once their certificates expire"
+    );
+    let mut last_expiry = 0;
+    for admin in [mesh.a_admin(), mesh.b_admin()] {
+        let identity = admin.identity().unwrap();
+        assert!(identity.not_after.unwrap() <= unix_now(), "{identity:?}");
+        assert_eq!(identity.expires_in_seconds, Some(0), "{identity:?}");
+        last_expiry = last_expiry.max(identity.not_after.unwrap());
+    }
+    // X.509 validity includes the notAfter second itself: step past it.
+    while unix_now() <= last_expiry + 1 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A new mesh connection is refused: neither side accepts the other's expired certificate.
+    assert!(
+        tcp_ok(&mesh.a, mesh.tcp_addr(), "after expiry").is_err(),
+        "a connection completed with expired certificates"
+    );
+    assert!(
+        http_ok(&mesh.a, mesh.http_addr()).is_err(),
+        "a request completed with expired certificates"
+    );
+
+    // The control plane comes back at the same address: both proxies renew and serve again.
+    let control_addr = mesh.control.listen_addr();
+    mesh.control = ControlPlane::start(&mesh.files, Some(&mesh.b), control_addr, &options, &mesh._logs)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let recovered = pillion_tests::poll_until(Duration::from_secs(60), Duration::from_millis(250), || {
+        let statuses = [mesh.a_admin(), mesh.b_admin()].map(|admin| admin.get("/ready").map(|r| r.status).unwrap_or(0));
+        (statuses == [200, 200]).then_some(())
+    });
+    assert!(
+        recovered.is_some(),
+        "both proxies should be ready again once the control plane is back"
+    );
+    tcp_ok(&mesh.a, mesh.tcp_addr(), "recovered").unwrap();
+    http_ok(&mesh.a, mesh.http_addr()).unwrap();
+}

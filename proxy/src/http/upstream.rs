@@ -211,7 +211,7 @@ impl Pool {
 /// A fresh upstream connection, plain or mesh TLS.
 enum Connection {
     Plain(TcpStream),
-    Mesh(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Mesh(Box<crate::tls::expiry::CertBound<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
 async fn handshake_h1<I>(io: I, target: SocketAddr, upgrades: bool) -> Result<H1, ProxyError>

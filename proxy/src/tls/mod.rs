@@ -9,6 +9,7 @@
 //! trust anchor). Every connection is a full handshake that checks the peer's certificate now;
 //! docs/performance.md has what that costs.
 
+pub mod expiry;
 pub mod spiffe;
 pub mod verify;
 
