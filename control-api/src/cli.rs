@@ -68,7 +68,38 @@ pub enum Command {
     /// standard error. On any error nothing is written to standard output and the exit code is 1.
     ///
     /// Example: `pillion-control inject < app.yaml | kubectl apply -f -`
-    Inject(InjectArgs),
+    Inject(InjectCommand),
+}
+
+/// `pillion-control inject`: what is injected, plus the names `serve` knows as its own settings.
+#[derive(Debug, Args)]
+pub struct InjectCommand {
+    #[command(flatten)]
+    pub inject: InjectArgs,
+
+    /// The mesh's SPIFFE trust domain: each proxy is told to expect
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service account> for itself.
+    #[arg(long, env = "PILLION_INJECT_TRUST_DOMAIN", default_value = "cluster.local", value_name = "DOMAIN", value_parser = parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+
+    /// The control plane's SPIFFE ID, which the proxies verify; default
+    /// spiffe://<trust-domain>/ns/<control-plane-namespace>/sa/pillion-control.
+    #[arg(long, env = "PILLION_INJECT_CONTROL_IDENTITY", value_name = "SPIFFE_ID", value_parser = parse_spiffe_id)]
+    pub control_identity: Option<SpiffeId>,
+}
+
+impl InjectCommand {
+    pub fn options(&self) -> InjectOptions {
+        let control_identity = match &self.control_identity {
+            Some(id) => id.0.clone(),
+            None => inject::control_identity(&self.trust_domain.to_string(), &self.inject.control_plane_namespace),
+        };
+        InjectOptions {
+            trust_domain: self.trust_domain.to_string(),
+            control_identity,
+            ..self.inject.options()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -526,6 +557,11 @@ mod tests {
             panic!("inject")
         };
         let options = args.options();
+        assert_eq!(
+            options.control_identity,
+            "spiffe://cluster.local/ns/pillion-system/sa/pillion-control"
+        );
+        assert_eq!(options.trust_domain, "cluster.local");
         assert_eq!(options.proxy_image, inject::DEFAULT_PROXY_IMAGE);
         assert_eq!(options.control_addr, inject::DEFAULT_CONTROL_ADDR);
         assert_eq!(options.proxy_log_level, "debug");

@@ -9,11 +9,11 @@ mod cli;
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
-use cli::{CaCommand, CaInitArgs, Cli, Command, InjectArgs, LogFormat, ServeArgs};
+use cli::{CaCommand, CaInitArgs, Cli, Command, InjectCommand, LogFormat, ServeArgs};
 use pillion_control_api::{
     auth::{AnyAuthenticator, CachedAuthenticator, TokenFile, TokenReview, cache},
     ca::{self, CertificateAuthority},
-    inject,
+    inject::{self, InjectOptions},
     kube_api::{KubeApi, KubeApiConfig},
     policy::{Policy, PolicyWatch},
     server::{self, ControlPlane, Transport},
@@ -161,8 +161,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                 "webhook without an API server (--token-review): namespaces' pillion.io/inject is not read; only pods' own annotation opts them in"
             );
         }
+        // The webhook tells proxies the trust domain and control-plane identity this server has.
+        let control_identity = args.control_identity().unwrap_or_else(|e| cli::exit_usage(&e));
         let webhook = Arc::new(Webhook {
-            options: args.inject.options(),
+            options: InjectOptions {
+                trust_domain: args.trust_domain.to_string(),
+                control_identity: control_identity.0.clone(),
+                ..args.inject.options()
+            },
             namespaces: Namespaces::new(kube_api.clone()),
         });
         tracing::info!(%addr, path = webhook::PATH, "admission webhook serving");
@@ -227,7 +233,7 @@ fn ca_init(args: &CaInitArgs) -> Result<(), String> {
 }
 
 /// Reads all of stdin, then writes all of stdout, or nothing at all on an error.
-fn inject_stdin(args: &InjectArgs) -> Result<(), String> {
+fn inject_stdin(args: &InjectCommand) -> Result<(), String> {
     use std::io::{Read, Write};
     let mut input = Vec::new();
     std::io::stdin()

@@ -42,6 +42,8 @@ pub const DEFAULT_PROXY_IMAGE: &str = "pillion/proxy:dev";
 pub const DEFAULT_INIT_IMAGE: &str = "pillion/init:dev";
 /// The control plane's Service, as deployed by deploy/control-plane.yaml.
 pub const DEFAULT_CONTROL_ADDR: &str = "http://pillion-control.pillion-system.svc:8090";
+/// The trust domain of `pillion-control ca init` and `serve` unless told otherwise.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The namespace deploy/control-plane.yaml installs the control plane into.
 pub const DEFAULT_CONTROL_PLANE_NAMESPACE: &str = "pillion-system";
 /// The proxy's `PILLION_LOG` unless a workload's annotation says otherwise.
@@ -60,6 +62,15 @@ pub struct InjectOptions {
     pub version: String,
     /// The control plane's namespace: never injected, whatever the input says.
     pub control_plane_namespace: String,
+    /// The mesh's trust domain: each proxy expects `spiffe://<it>/ns/<namespace>/sa/<account>`.
+    pub trust_domain: String,
+    /// The control plane's SPIFFE ID, the proxies' `PILLION_CONTROL_IDENTITY`.
+    pub control_identity: String,
+}
+
+/// The control plane's SPIFFE ID as deployed: service account `pillion-control` in `namespace`.
+pub fn control_identity(trust_domain: &str, namespace: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/pillion-control")
 }
 
 impl Default for InjectOptions {
@@ -71,6 +82,8 @@ impl Default for InjectOptions {
             proxy_log_level: DEFAULT_PROXY_LOG_LEVEL.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             control_plane_namespace: DEFAULT_CONTROL_PLANE_NAMESPACE.to_string(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+            control_identity: control_identity(DEFAULT_TRUST_DOMAIN, DEFAULT_CONTROL_PLANE_NAMESPACE),
         }
     }
 }

@@ -164,6 +164,22 @@ env:
     value: "plain"
   - name: PILLION_CONTROL_ADDR
     value: {control_addr}
+  # TLS to the control plane: the proxy sends its token only to this identity, and believes
+  # only its answers.
+  - name: PILLION_CONTROL_IDENTITY
+    value: {control_identity}
+  # The identity this pod must be issued, from its own namespace and service account; a
+  # certificate for any other is refused. (The two variables exist for the $(...) expansion.)
+  - name: PILLION_POD_NAMESPACE
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.namespace
+  - name: PILLION_POD_SERVICE_ACCOUNT
+    valueFrom:
+      fieldRef:
+        fieldPath: spec.serviceAccountName
+  - name: PILLION_IDENTITY_SPIFFE_ID
+    value: {spiffe_id}
   - name: PILLION_IDENTITY_TOKEN_FILE
     value: /var/run/secrets/pillion/token
   - name: PILLION_TRUST_ANCHORS_FILE
@@ -219,6 +235,11 @@ volumeMounts:
         image = quote(&options.proxy_image),
         log = quote(log),
         control_addr = quote(&options.control_addr),
+        control_identity = quote(&options.control_identity),
+        spiffe_id = quote(&format!(
+            "spiffe://{}/ns/$(PILLION_POD_NAMESPACE)/sa/$(PILLION_POD_SERVICE_ACCOUNT)",
+            options.trust_domain
+        )),
     ))
 }
 
