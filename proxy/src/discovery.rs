@@ -114,12 +114,21 @@ impl Discovery {
         rx.borrow().clone()
     }
 
-    /// The latest state for `addr` without waiting; `None` until the control plane has answered
-    /// (or when nobody asked about `addr` lately).
+    /// The latest state for `addr` without waiting; `None` until the control plane has answered.
+    /// A destination not followed (dropped while unused, or made room for) is followed again, so
+    /// a caller that only ever asks this way (a long-lived connection's per-request check) gets
+    /// its answer back as soon as the control plane gives it.
     pub fn latest(&self, addr: SocketAddr) -> Answer {
         let mut watches = self.watches.lock().ok()?;
+        let now = Instant::now();
+        if !watches.contains_key(&addr) {
+            self.make_room(&mut watches, now);
+            watches.insert(addr, self.start(addr, now));
+            self.destinations.set(watches.len() as i64);
+            return None;
+        }
         let watch = watches.get_mut(&addr)?;
-        watch.last_used = Instant::now();
+        watch.last_used = now;
         watch.tx.borrow().clone()
     }
 
@@ -319,6 +328,23 @@ mod tests {
         assert_eq!(d.followed(), 1);
         assert!(d.settled(addr(99)).is_some());
         assert_eq!(d.destinations.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_destination_asked_for_again_is_followed_again() {
+        let d = Discovery::for_test(settings(2));
+        d.lookup(addr(443)).await;
+        assert!(d.answer(addr(443), Target::default()));
+        assert!(d.latest(addr(443)).is_some());
+        // The app dials two other destinations: 443 makes room and is no longer followed.
+        d.lookup(addr(1)).await;
+        d.lookup(addr(2)).await;
+        assert!(d.settled(addr(443)).is_none());
+        // A per-request check finds nothing yet (fail closed), but follows it again.
+        assert!(d.latest(addr(443)).is_none());
+        assert!(d.answer(addr(443), Target::default()), "followed again");
+        assert!(d.latest(addr(443)).is_some());
+        assert_eq!(d.followed(), 2);
     }
 
     #[tokio::test(start_paused = true)]
