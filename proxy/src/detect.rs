@@ -154,22 +154,23 @@ fn classify(bytes: &[u8]) -> Verdict {
 /// `METHOD SP request-target SP HTTP/1.x CRLF`, judged as early as possible.
 fn http1_request_line(bytes: &[u8]) -> Verdict {
     let method_len = bytes.iter().take_while(|b| is_tchar(**b)).count();
+    // The same rules whatever has arrived, so the verdict cannot depend on how the line was split.
     match bytes.get(method_len) {
         None if method_len < 32 => return Verdict::NeedMore,
-        Some(b' ') if method_len > 0 => {}
+        Some(b' ') if (1..32).contains(&method_len) => {}
         _ => return Verdict::Is(Protocol::Opaque),
     }
-    let Some(line_end) = bytes.iter().position(|b| *b == b'\n') else {
-        // A request-target has no spaces or control characters; anything else is not HTTP.
-        let target = &bytes[method_len + 1..];
-        let plausible = target
-            .iter()
-            .all(|&b| b == b'\r' || (b' '..0x7f).contains(&b) || b >= 0x80);
-        return if plausible {
-            Verdict::NeedMore
-        } else {
-            Verdict::Is(Protocol::Opaque)
-        };
+    let line_end = bytes.iter().position(|b| *b == b'\n');
+    // A request-target has no spaces or control characters; anything else is not HTTP.
+    let rest = &bytes[method_len + 1..line_end.unwrap_or(bytes.len())];
+    let plausible = rest
+        .iter()
+        .all(|&b| b == b'\r' || (b' '..0x7f).contains(&b) || b >= 0x80);
+    if !plausible {
+        return Verdict::Is(Protocol::Opaque);
+    }
+    let Some(line_end) = line_end else {
+        return Verdict::NeedMore;
     };
     let line = &bytes[..line_end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -216,6 +217,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
 
 crate::transport::delegate_async_write!(PrefixedIo, io);
 
+/// [`classify`] for the fuzz targets (`fuzz/`): the protocol, or `None` while more bytes are needed.
+#[doc(hidden)]
+pub fn classify_prefix(bytes: &[u8]) -> Option<Protocol> {
+    match classify(bytes) {
+        Verdict::Is(protocol) => Some(protocol),
+        Verdict::NeedMore => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +251,24 @@ mod tests {
         ];
         for (bytes, want) in cases {
             assert_eq!(&classify(bytes), want, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn a_verdict_does_not_change_as_more_bytes_arrive() {
+        // Found by fuzzing (fuzz/fuzz_targets/detect.rs): a control character in the request
+        // target, or a 32-character method, was opaque in pieces but HTTP/1 when read whole.
+        let long_method = format!("{} / HTTP/1.1\r\n", "A".repeat(40));
+        for line in [&b"GET /a/\x03\x00b HTTP/1.1\r\n"[..], long_method.as_bytes()] {
+            for n in 1..=line.len() {
+                let verdict = classify(&line[..n]);
+                assert!(
+                    matches!(verdict, Verdict::NeedMore | Verdict::Is(Protocol::Opaque)),
+                    "{verdict:?} after {n} bytes of {:?}",
+                    String::from_utf8_lossy(line)
+                );
+            }
+            assert_eq!(classify(line), Verdict::Is(Protocol::Opaque));
         }
     }
 
