@@ -496,17 +496,22 @@ pub fn strip_h2c(headers: &mut HeaderMap) {
 }
 
 /// The tokens of every `name` header that `keep` keeps, as one value (`None` if none is kept).
+/// A value that is not text is kept whole: the framing guard reads the raw bytes, and if this
+/// dropped them the two would disagree on whether the request is an upgrade (the guard would
+/// then wait for an answer nobody gives, and the connection would hang).
 fn joined(headers: &HeaderMap, name: HeaderName, keep: impl Fn(&str) -> bool) -> Option<HeaderValue> {
-    let kept: Vec<&str> = headers
+    let kept: Vec<&[u8]> = headers
         .get_all(name)
         .iter()
-        .flat_map(tokens)
-        .filter(|t| keep(t))
+        .flat_map(|v| match v.to_str() {
+            Ok(_) => tokens(v).filter(|t| keep(t)).map(str::as_bytes).collect(),
+            Err(_) => vec![v.as_bytes()],
+        })
         .collect();
     if kept.is_empty() {
         return None;
     }
-    HeaderValue::from_str(&kept.join(", ")).ok()
+    HeaderValue::from_bytes(&kept.join(&b", "[..])).ok()
 }
 
 /// The comma-separated tokens of a header value (none if it is not text).
@@ -683,6 +688,22 @@ mod tests {
         let before = headers.clone();
         strip_h2c(&mut headers);
         assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn an_upgrade_value_that_is_not_text_survives_h2c_stripping() {
+        // Found by fuzzing (fuzz/fuzz_targets/framing.rs): `Upgrade: h2c` plus an `Upgrade` value
+        // with obs-text bytes. The guard counts the second as an upgrade; dropping it here meant
+        // no answer ever reached the guard, and the connection hung.
+        let odd = HeaderValue::from_bytes(b"h1\x98x").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.append(header::UPGRADE, "h2c".parse().unwrap());
+        headers.append(header::UPGRADE, odd.clone());
+        strip_h2c(&mut headers);
+        assert_eq!(headers.get_all(header::UPGRADE).iter().collect::<Vec<_>>(), vec![&odd]);
+        assert!(framing::names_protocol_to_switch_to(
+            headers[header::UPGRADE].as_bytes()
+        ));
     }
 
     /// Pool keying by security decision: a connection made while discovery had not answered
