@@ -451,11 +451,16 @@ async fn tunnel(
 /// header): h2c is taken out (see [`strip_h2c`]); if a real upgrade remains, the request carries
 /// the token the tunnel settles, so the connection's framing guard learns whether it switched.
 /// The guard decides with the same rule ([`framing::switches_protocols`]) on the raw head.
+#[inline]
 pub fn admit_upgrade<B>(req: &mut http::Request<B>, upgrades: &UpgradeWatch) {
     // Cheap for every other request: hyper attached nothing, so the map is empty.
-    if req.extensions().get::<hyper::upgrade::OnUpgrade>().is_none() {
-        return;
+    if req.extensions().get::<hyper::upgrade::OnUpgrade>().is_some() {
+        admit_flagged_upgrade(req, upgrades);
     }
+}
+
+#[cold]
+fn admit_flagged_upgrade<B>(req: &mut http::Request<B>, upgrades: &UpgradeWatch) {
     strip_h2c(req.headers_mut());
     let token = req
         .headers()
@@ -555,9 +560,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if found.proxy_connection {
         headers.remove(PROXY_CONNECTION);
     }
-    if found.http2_settings {
-        headers.remove(HTTP2_SETTINGS);
-    }
     if found.te
         && headers
             .get(header::TE)
@@ -580,7 +582,6 @@ struct HopByHop {
     upgrade: bool,
     keep_alive: bool,
     proxy_connection: bool,
-    http2_settings: bool,
     te: bool,
     /// Names listed in `Connection`.
     listed: Vec<HeaderName>,
@@ -597,7 +598,6 @@ impl HopByHop {
                 self.note_listed(value);
             }
             10 => self.keep_alive |= name == KEEP_ALIVE,
-            14 => self.http2_settings |= name == HTTP2_SETTINGS,
             16 => self.proxy_connection |= name == PROXY_CONNECTION,
             17 => self.transfer_encoding |= name == header::TRANSFER_ENCODING,
             _ => {}
