@@ -6,6 +6,10 @@
 //!   sides have finished. Both ends run on this thread, so the figure is the CPU time of the
 //!   client's and the server's halves together; one proxy accepting handshakes spends roughly
 //!   half of it per handshake.
+//! - `tls_handshake/mesh_mtls_resumed`: the same with TLS 1.3 session resumption switched back on
+//!   (stateful server cache, client session cache), which Pillion does not do: a resumed session
+//!   skips certificate verification and could outlive its certificate. The difference is what
+//!   refusing resumption costs per new connection between the same two proxies.
 
 use std::{hint::black_box, sync::Arc};
 
@@ -63,11 +67,42 @@ fn tls_handshake(c: &mut Bench) {
         .build()
         .expect("tokio runtime");
     let (client_store, server_store) = stores();
-    let client = tokio_rustls::TlsConnector::from(MeshTls::new(client_store).expect("client config").client);
-    let server = tokio_rustls::TlsAcceptor::from(MeshTls::new(server_store).expect("server config").server);
+    let client_mesh = MeshTls::new(client_store).expect("client config");
+    let server_mesh = MeshTls::new(server_store).expect("server config");
     let sni = SpiffeId::parse(SERVER).expect("id").to_sni().expect("sni");
     let name = ServerName::try_from(sni).expect("server name");
 
+    // rustls's defaults, which MeshTls turns off.
+    let mut resuming_client = (*client_mesh.client).clone();
+    resuming_client.resumption = rustls::client::Resumption::default();
+    let mut resuming_server = (*server_mesh.server).clone();
+    resuming_server.session_storage = rustls::server::ServerSessionMemoryCache::new(256);
+    resuming_server.send_tls13_tickets = 2;
+
+    let mut group = c.benchmark_group("tls_handshake");
+    for (bench, client_config, server_config) in [
+        ("mesh_mtls", client_mesh.client.clone(), server_mesh.server.clone()),
+        (
+            "mesh_mtls_resumed",
+            Arc::new(resuming_client),
+            Arc::new(resuming_server),
+        ),
+    ] {
+        let client = tokio_rustls::TlsConnector::from(client_config);
+        let server = tokio_rustls::TlsAcceptor::from(server_config);
+        bench_handshakes(&mut group, bench, &runtime, &client, &server, &name);
+    }
+    group.finish();
+}
+
+fn bench_handshakes(
+    group: &mut criterion::BenchmarkGroup<'_, pillion_benches::ThreadCpuTime>,
+    bench: &str,
+    runtime: &tokio::runtime::Runtime,
+    client: &tokio_rustls::TlsConnector,
+    server: &tokio_rustls::TlsAcceptor,
+    name: &ServerName<'static>,
+) {
     let handshake = || async {
         let (a, b) = tokio::io::duplex(16 * 1024);
         let accept = async {
@@ -87,10 +122,9 @@ fn tls_handshake(c: &mut Bench) {
         };
         black_box(tokio::join!(accept, connect));
     };
+    // Warm-up; with resumption, it also leaves a session for the measured handshakes to resume.
     runtime.block_on(handshake());
-
-    let mut group = c.benchmark_group("tls_handshake");
-    group.bench_function("mesh_mtls", |b| {
+    group.bench_function(bench, |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
                 let start = thread_cpu_time();
@@ -101,7 +135,6 @@ fn tls_handshake(c: &mut Bench) {
             })
         })
     });
-    group.finish();
 }
 
 criterion_group! {

@@ -15,7 +15,7 @@ use pillion_tests::netns::{Netns, VethEnd, VethLink};
 use pillion_tests::pod::PodOptions;
 use pillion_tests::process::{LogDir, Process};
 use pillion_tests::require_root;
-use pillion_tests::sidecar::Sidecar;
+use pillion_tests::sidecar::{AdminPort, Sidecar};
 
 const CONTROL_PORT: u16 = 8090;
 
@@ -102,6 +102,14 @@ fn no_token_crosses_the_pod_network_in_the_clear() {
     // Ready means the certificate request (token included) went over the link and was answered.
     let _sidecar = Sidecar::start(&link.pod, "a", &link.pod_options(&control, &files, &client), &logs)
         .unwrap_or_else(|e| panic!("{e}"));
+    // The operator sees whom the proxy verified it was talking to.
+    let identity = AdminPort::of_pod(&link.pod).get("/identity").expect("GET /identity");
+    let body = identity.body;
+    assert!(
+        body.contains(r#""verified_identity":"spiffe://cluster.local/ns/pillion-system/sa/pillion-control""#)
+            && body.contains(r#""security":"tls""#),
+        "{body}"
+    );
 
     // A canary sent in the clear over the same link proves the capture sees payloads.
     const CANARY: &[u8] = b"pillion-capture-canary-7d3f";
