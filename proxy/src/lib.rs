@@ -27,5 +27,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+#[cfg(test)]
+mod stuck_file;
 pub mod tls;
 pub mod transport;

@@ -66,7 +66,7 @@ fn stamps(cert: &Path, key: &Path) -> Stamps {
 
 #[cfg(test)]
 mod tests {
-    use std::{fs::OpenOptions, io::Write, os::unix::fs::OpenOptionsExt};
+    use std::time::Duration;
 
     use prometheus_client::metrics::gauge::Gauge;
 
@@ -92,32 +92,9 @@ mod tests {
         // Let the watcher note that there is no certificate yet, so the FIFO is a change.
         tokio::time::sleep(Duration::from_millis(300)).await;
 
-        let fifo = std::ffi::CString::new(cert.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-        // If the runtime were blocked, this rescue (after the assertion's deadline) unblocks it.
-        let rescue = cert.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(15));
-            let _ = OpenOptions::new().write(true).open(rescue);
-        });
-        let handed_over = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                // Opening a FIFO for writing without blocking fails (ENXIO) until a reader has it open.
-                let writer = OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(&cert);
-                if let Ok(mut writer) = writer {
-                    writer.write_all(pem.as_bytes()).unwrap();
-                    return;
-                }
-            }
-        })
-        .await;
+        let handed_over = crate::stuck_file::hand_over(&cert, pem.as_bytes()).await;
         assert!(
-            handed_over.is_ok(),
+            handed_over,
             "the runtime stalled while the watcher read the certificate"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -81,7 +81,7 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use std::{fs::OpenOptions, io::Write, os::unix::fs::OpenOptionsExt, time::Duration};
+    use std::time::Duration;
 
     use super::*;
     use crate::metrics::Metrics;
@@ -101,35 +101,8 @@ mod tests {
         // Let the watcher note that there is no file yet, so the FIFO's appearance is a change.
         tokio::time::sleep(Duration::from_millis(300)).await;
 
-        let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-        // If the runtime were blocked, this rescue (after the assertion's deadline) unblocks it.
-        let rescue = path.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(15));
-            let _ = OpenOptions::new().write(true).open(rescue);
-        });
-
-        let handed_over = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                // Opening a FIFO for writing without blocking fails (ENXIO) until a reader has it open.
-                let writer = OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(&path);
-                if let Ok(mut writer) = writer {
-                    writer.write_all(b"routes: []\n").unwrap();
-                    return;
-                }
-            }
-        })
-        .await;
-        assert!(
-            handed_over.is_ok(),
-            "the runtime stalled while the watcher read the file"
-        );
+        let handed_over = crate::stuck_file::hand_over(&path, b"routes: []\n").await;
+        assert!(handed_over, "the runtime stalled while the watcher read the file");
         let reloaded = tokio::time::timeout(Duration::from_secs(10), async {
             while metrics.http.config_reloads_ok.get() + metrics.http.config_reloads_failed.get() == 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
