@@ -2,9 +2,14 @@
 //! in certificates (exactly one URI SAN), and how they travel in TLS SNI.
 //!
 //! SNI cannot carry a URI, so a mesh client names the server's identity as a DNS name,
-//! `<sa>.<ns>.sa.pillion.<trust-domain>` (Kubernetes names are DNS labels, so this is exact and
-//! reversible). The inbound side terminates TLS only when the SNI is its own identity's name,
-//! and the client's verifier turns the SNI back into the SPIFFE ID it must find in the certificate.
+//! `<sa>.<ns>.sa.pillion.<trust-domain>`. A namespace is a DNS label; a service account is a DNS
+//! subdomain and may contain dots (`web.v2`), so the name is read from the right: the trust domain
+//! after the last marker, the namespace as the label before it, the service account as everything
+//! before that. [`SpiffeId::to_sni`] refuses only what no DNS name can carry (a label over 63
+//! characters, a name over 253) or what would not read back as the same ID, so every name it
+//! gives turns back into exactly its ID. The inbound side terminates TLS only when the SNI is its
+//! own identity's name, and the client's verifier turns the SNI back into the SPIFFE ID it must
+//! find in the certificate.
 
 use std::fmt;
 
@@ -74,17 +79,25 @@ impl SpiffeId {
                 && l.bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         };
-        if label_ok(ns) && label_ok(sa) {
-            Ok(format!("{sa}.{ns}{SNI_MARKER}{td}"))
+        let sni = format!("{sa}.{ns}{SNI_MARKER}{td}");
+        // DNS: 253 characters at most; and the name must read back as this very ID (a trust
+        // domain containing the marker would not).
+        let encodable = label_ok(ns)
+            && sa.split('.').all(label_ok)
+            && sni.len() <= 253
+            && SpiffeId::from_sni(&sni).as_ref() == Some(self);
+        if encodable {
+            Ok(sni)
         } else {
             Err(IdError::NotAWorkload(self.0.clone()))
         }
     }
 
-    /// The inverse of [`SpiffeId::to_sni`].
+    /// The inverse of [`SpiffeId::to_sni`]: read from the right, because a service account may
+    /// contain dots and the namespace may not.
     pub fn from_sni(sni: &str) -> Option<Self> {
-        let (names, td) = sni.split_once(SNI_MARKER)?;
-        let (sa, ns) = names.split_once('.')?;
+        let (names, td) = sni.rsplit_once(SNI_MARKER)?;
+        let (sa, ns) = names.rsplit_once('.')?;
         SpiffeId::parse(&format!("spiffe://{td}/ns/{ns}/sa/{sa}")).ok()
     }
 
@@ -148,5 +161,39 @@ mod tests {
         assert_eq!(SpiffeId::from_sni(&sni), Some(id));
         assert_eq!(SpiffeId::from_sni("example.com"), None);
         assert!(SpiffeId::parse("spiffe://td/custom/path").unwrap().to_sni().is_err());
+    }
+
+    #[test]
+    fn every_kubernetes_service_account_name_round_trips() {
+        // Service accounts are DNS subdomains: dots allowed, even labels that look like ours.
+        for sa in [
+            "web",
+            "web.v2",
+            "a.b.c",
+            "x.sa.pillion.y",
+            "sa.pillion",
+            "0-a.b-0",
+            &"a".repeat(63),
+        ] {
+            let id = SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap();
+            let sni = id.to_sni().unwrap_or_else(|e| panic!("{sa}: {e}"));
+            assert_eq!(SpiffeId::from_sni(&sni), Some(id), "{sa} → {sni}");
+            assert!(rustls::pki_types::ServerName::try_from(sni.as_str()).is_ok(), "{sni}");
+        }
+        // What no DNS name can carry is refused, not mangled.
+        for sa in [&"a".repeat(64), "a..b", ".a", "a.", "Web"] {
+            let id = SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}"));
+            assert!(id.is_err() || id.unwrap().to_sni().is_err(), "{sa}");
+        }
+        let long = format!(
+            "{}.{}",
+            "a".repeat(63),
+            ["b".repeat(63), "c".repeat(63), "d".repeat(63)].join(".")
+        );
+        let id = SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{long}")).unwrap();
+        assert!(id.to_sni().is_err(), "over 253 characters");
+        // A trust domain holding the marker could not be read back: refused.
+        let id = SpiffeId::parse("spiffe://x.sa.pillion.y/ns/shop/sa/web").unwrap();
+        assert!(id.to_sni().is_err());
     }
 }

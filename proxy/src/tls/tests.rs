@@ -424,3 +424,23 @@ fn renewal_is_never_due_at_once() {
         assert!(delay >= Duration::from_secs(1), "{later}: {delay:?}");
     }
 }
+
+#[tokio::test]
+async fn a_service_account_with_dots_is_reachable_over_mesh_tls() {
+    // Legal in Kubernetes (a DNS subdomain), and issued by the control plane.
+    const DOTTED: &str = "spiffe://cluster.local/ns/shop/sa/payments.v2";
+    let ca = Ca::new("root");
+    let seen = handshake(
+        &ca,
+        ca.svid(&[CLIENT], -60, 3600),
+        ca.svid(&[DOTTED], -60, 3600),
+        &ca.pem,
+        DOTTED,
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen.as_str(), CLIENT);
+    // And the inbound side recognises the dotted name as its own.
+    let sni = SpiffeId::parse(DOTTED).unwrap().to_sni().unwrap();
+    assert_eq!(sni, "payments.v2.shop.sa.pillion.cluster.local");
+}
