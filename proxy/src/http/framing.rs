@@ -223,16 +223,21 @@ impl<I> FramingGuard<I> {
         // hyper sees this request only after this; whatever it writes from now on may be its answer.
         self.answering = false;
         let mut content_length = None;
+        // A Content-Length that does not parse, or two that disagree: hyper would refuse it alone,
+        // but next to Transfer-Encoding it drops every Content-Length and frames by the coding.
+        // Either way the framing is not one clear thing, so the guard answers, never steps aside.
+        let mut bad_content_length = false;
         let mut transfer_encoding = None;
         let mut upgrade_token = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(h.value)
+                let parsed = std::str::from_utf8(h.value)
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok());
-                if content_length.is_none() {
-                    self.state = State::Passthrough;
-                    return Step::Release(0);
+                match (parsed, content_length) {
+                    (Some(n), None) => content_length = Some(n),
+                    (Some(n), Some(seen)) if n == seen => {}
+                    _ => bad_content_length = true,
                 }
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 transfer_encoding = Some(h.value);
@@ -243,6 +248,10 @@ impl<I> FramingGuard<I> {
         let connect = req.method == Some("CONNECT");
         let switch = switches_protocols(connect, req.version == Some(1), upgrade_token);
         self.switch_after = switch;
+        if bad_content_length {
+            tracing::info!("request with an invalid or conflicting Content-Length refused");
+            return self.reject(AMBIGUOUS);
+        }
         self.state = match (transfer_encoding, content_length) {
             (Some(_), Some(_)) => {
                 tracing::info!("request with both Content-Length and Transfer-Encoding refused");
@@ -634,6 +643,26 @@ POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\
         )
         .await;
         assert!(passed.is_empty() && back.starts_with(b"HTTP/1.1 400"));
+    }
+
+    /// Found by the `framing` fuzz target: a second Content-Length that does not parse made the
+    /// guard step aside, and hyper (which drops Content-Length next to Transfer-Encoding) passed
+    /// the request on.
+    #[tokio::test]
+    async fn an_unreadable_or_conflicting_content_length_is_refused_not_passed() {
+        for input in [
+            &b"GET /up HTTP/1.1\r\nHost: x\r\nContent-Length:04\r\nContent-Length:555\xff55\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        ] {
+            let (passed, back) = run(input, 3).await;
+            assert!(passed.is_empty(), "{}", String::from_utf8_lossy(input));
+            assert!(back.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&back));
+        }
+        // The same length twice is one length.
+        let twice = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(run(twice, 4096).await.0, twice);
     }
 
     #[tokio::test]
