@@ -35,17 +35,22 @@ for t in $targets; do
         -fork=1 -ignore_crashes=1 -max_total_time="$seconds" -timeout=30 -rss_limit_mb=2048 "$@" \
         >"logs/$t.log" 2>&1
     elapsed=$(( $(date +%s) - start ))
-    # Fork mode's progress lines: "#<executions>: cov: ... exec/s: N oom/timeout/crash: a/b/c ...".
+    # Fork mode's progress lines: "#<executions>: cov: ... oom/timeout/crash: a/b/c time: Ns ...";
+    # their exec/s is the last job's, so the average is worked out here.
     last=$(grep -E '^#[0-9]+: cov:' "logs/$t.log" | tail -1)
     runs=$(sed -E 's/^#([0-9]+):.*/\1/' <<<"$last")
-    rate=$(sed -nE 's/.*exec\/s: ([0-9]+).*/\1/p' <<<"$last")
+    fuzzed=$(sed -nE 's/.* time: ([0-9]+)s.*/\1/p' <<<"$last")
+    rate=$(( ${runs:-0} / (${fuzzed:-0} > 0 ? ${fuzzed:-1} : 1) ))
     crashes=$(( $(ls "artifacts/$t" | wc -l) - before ))
-    # Distinct failures: the panic locations and messages, once each.
-    distinct=$(grep -h -A1 'panicked at' "logs/$t.log" | grep -v -e '^--$' -e 'panicked at' | sort -u | wc -l)
+    # Distinct failures: the newest 50 crash inputs replayed, each panic message counted once.
+    reasons=$(ls -t "artifacts/$t" | head -n "$(( crashes < 50 ? crashes : 50 ))" | while read -r a; do
+        timeout 120 "$bin/$t" "artifacts/$t/$a" 2>&1 | grep -A1 'panicked at' | tail -1 | cut -c1-160
+    done | sort | uniq -c | sort -rn)
+    distinct=$(grep -c . <<<"$reasons")
     printf '%-16s %14s %10s %8s %8s  %s\n' "$t" "${runs:-?}" "${rate:-?}" "$elapsed" "$crashes" "$distinct"
     if [ "$crashes" != 0 ]; then
         status=1
-        grep -h -A1 'panicked at' "logs/$t.log" | grep -v -e '^--$' -e 'panicked at' | sort | uniq -c | sort -rn | head -5 | cut -c1-300 | sed 's/^/    /'
+        sed 's/^/    /' <<<"$reasons"
     fi
 done
 exit "$status"
