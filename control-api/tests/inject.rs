@@ -410,3 +410,13 @@ fn the_control_plane_and_kube_system_are_never_injected() {
     assert_eq!(injected.output, system, "kube-system passes through unchanged");
     assert!(matches!(&injected.reports[0].outcome, Outcome::Skipped(why) if why.contains("kube-system")));
 }
+
+#[test]
+fn a_bare_carriage_return_in_a_top_comment_injects_twice_unchanged() {
+    // Found by the inject fuzz target: the second pass failed with "duplicate entry with key".
+    let input =
+        "# a\rb: 1\nkind: Pod\napiVersion: v1\nmetadata: {name: p}\nspec: {containers: [{name: c, image: i}]}\n";
+    let once = inject(input, &InjectOptions::default()).unwrap().output;
+    let twice = inject(&once, &InjectOptions::default()).unwrap().output;
+    assert_eq!(once, twice);
+}

@@ -41,7 +41,10 @@ impl<'a> Document<'a> {
         let mut end = 0;
         for line in self.body.split_inclusive('\n') {
             let trimmed = line.trim_start();
-            if !(trimmed.is_empty() || trimmed.starts_with('#')) {
+            // YAML also ends a line at a bare CR: what follows it on this "comment" line is
+            // content, which the rewritten document already holds. Copying it would write it twice.
+            let bare_cr = line.trim_end_matches(['\r', '\n']).contains('\r');
+            if !(trimmed.is_empty() || trimmed.starts_with('#')) || bare_cr {
                 break;
             }
             end += line.len();
@@ -139,5 +142,15 @@ mod tests {
     fn leading_comments_stop_at_content() {
         let docs = split("---\n# web\n\n  # indented\nkind: Pod # not this\n# nor this\n");
         assert_eq!(docs[0].leading_comments(), "# web\n\n  # indented\n");
+    }
+
+    /// Found by the `inject` fuzz target: a bare CR ends a YAML line, so the text after it in a
+    /// top comment is a key of the document; copying the comment line wrote that key twice.
+    #[test]
+    fn a_comment_line_with_a_bare_cr_is_not_kept() {
+        let docs = split("# a\rb: 1\nkind: Pod\n");
+        assert_eq!(docs[0].leading_comments(), "");
+        let docs = split("# ok\r\n# a\rb: 1\nkind: Pod\n");
+        assert_eq!(docs[0].leading_comments(), "# ok\r\n");
     }
 }
