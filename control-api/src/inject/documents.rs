@@ -41,10 +41,13 @@ impl<'a> Document<'a> {
         let mut end = 0;
         for line in self.body.split_inclusive('\n') {
             let trimmed = line.trim_start();
-            // YAML also ends a line at a bare CR: what follows it on this "comment" line is
-            // content, which the rewritten document already holds. Copying it would write it twice.
-            let bare_cr = line.trim_end_matches(['\r', '\n']).contains('\r');
-            if !(trimmed.is_empty() || trimmed.starts_with('#')) || bare_cr {
+            // YAML (1.1, as libyaml reads it) also ends a line at a bare CR, NEL, LS or PS: what
+            // follows one on this "comment" line is content, which the rewritten document already
+            // holds. Copying it would write it twice.
+            let other_break = line
+                .trim_end_matches(['\r', '\n'])
+                .contains(['\r', '\u{85}', '\u{2028}', '\u{2029}']);
+            if !(trimmed.is_empty() || trimmed.starts_with('#')) || other_break {
                 break;
             }
             end += line.len();
@@ -152,5 +155,11 @@ mod tests {
         assert_eq!(docs[0].leading_comments(), "");
         let docs = split("# ok\r\n# a\rb: 1\nkind: Pod\n");
         assert_eq!(docs[0].leading_comments(), "# ok\r\n");
+        // YAML 1.1's other line breaks: NEL, LS, PS.
+        for line_break in ['\u{85}', '\u{2028}', '\u{2029}'] {
+            let input = format!("# ok\n# a{line_break}b: 1\nkind: Pod\n");
+            let docs = split(&input);
+            assert_eq!(docs[0].leading_comments(), "# ok\n", "{line_break:?}");
+        }
     }
 }
