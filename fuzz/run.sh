@@ -10,8 +10,9 @@
 # libFuzzer runs in fork mode with -ignore_crashes=1, so a crash is recorded and fuzzing goes on
 # for the whole time (one crash would otherwise end the run). Crashes: fuzz/artifacts/<target>/,
 # reproduce one with `cargo fuzz run -s none -a TARGET fuzz/artifacts/TARGET/crash-...`.
-# New inputs that reach new code go into fuzz/corpus/<target>/ (commit only small useful ones:
-# `cargo fuzz cmin -s none -a TARGET`). Logs: fuzz/logs/<target>.log.
+# New inputs that reach new code go into fuzz/corpus-grown/<target>/, which git ignores; the
+# committed seeds in fuzz/corpus/<target>/ are only read (add a small, useful input there by hand).
+# Logs: fuzz/logs/<target>.log.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -28,10 +29,11 @@ mkdir -p logs
 printf '%-16s %14s %10s %8s %8s  %s\n' target executions exec/s seconds crashes distinct
 status=0
 for t in $targets; do
-    mkdir -p "corpus/$t" "artifacts/$t"
+    # New inputs go to corpus-grown/ (ignored by git); the committed seeds in corpus/ are only read.
+    mkdir -p "corpus-grown/$t" "corpus/$t" "artifacts/$t"
     before=$(ls "artifacts/$t" | wc -l)
     start=$(date +%s)
-    nice -n 19 "$bin/$t" -artifact_prefix="artifacts/$t/" "corpus/$t" \
+    nice -n 19 "$bin/$t" -artifact_prefix="artifacts/$t/" "corpus-grown/$t" "corpus/$t" \
         -fork=1 -ignore_crashes=1 -max_total_time="$seconds" -timeout=30 -rss_limit_mb=2048 "$@" \
         >"logs/$t.log" 2>&1
     elapsed=$(( $(date +%s) - start ))
