@@ -58,6 +58,18 @@ impl Link {
         }
     }
 
+    /// `pillion-control serve` with `files`, in the control-plane namespace.
+    fn start_control(&self, files: &MeshFiles, logs: &LogDir) -> ControlPlane {
+        ControlPlane::start(
+            files,
+            Some(&self.control),
+            self.control_addr,
+            &ControlPlaneOptions::default(),
+            logs,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// The pod's sidecar options: the control plane is reached directly, not through the proxy.
     fn pod_options(&self, control: &ControlPlane, files: &MeshFiles, workload: &Workload) -> PodOptions {
         identity_env(PodOptions::default(), control, files, workload)
@@ -91,14 +103,7 @@ fn no_token_crosses_the_pod_network_in_the_clear() {
     });
     assert!(listening.is_some(), "tcpdump did not start: {}", capture.log());
 
-    let control = ControlPlane::start(
-        &files,
-        Some(&link.control),
-        link.control_addr,
-        &ControlPlaneOptions::default(),
-        &logs,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let control = link.start_control(&files, &logs);
     // Ready means the certificate request (token included) went over the link and was answered.
     let _sidecar = Sidecar::start(&link.pod, "a", &link.pod_options(&control, &files, &client), &logs)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -160,14 +165,7 @@ fn a_control_plane_the_trust_anchors_do_not_vouch_for_is_refused() {
     }
     let genuine = MeshFiles::create(&genuine_dir, &[&client]).unwrap_or_else(|e| panic!("{e}"));
     let rogue_files = MeshFiles::create(&rogue_dir, &[&client]).unwrap_or_else(|e| panic!("{e}"));
-    let rogue = ControlPlane::start(
-        &rogue_files,
-        Some(&link.control),
-        link.control_addr,
-        &ControlPlaneOptions::default(),
-        &logs,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let rogue = link.start_control(&rogue_files, &logs);
 
     // The proxy trusts the genuine anchors only.
     let options = link.pod_options(&rogue, &genuine, &client);
@@ -201,14 +199,7 @@ fn a_certificate_for_another_identity_is_refused() {
         ..client.clone()
     };
     let files = MeshFiles::create(logs.path(), &[&admin]).unwrap_or_else(|e| panic!("{e}"));
-    let control = ControlPlane::start(
-        &files,
-        Some(&link.control),
-        link.control_addr,
-        &ControlPlaneOptions::default(),
-        &logs,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let control = link.start_control(&files, &logs);
     let options = link.pod_options(&control, &files, &client).proxy_env(
         "PILLION_IDENTITY_TOKEN_FILE",
         &files.token_file(&admin).to_string_lossy(),
