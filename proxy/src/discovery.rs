@@ -336,7 +336,10 @@ mod tests {
         d.lookup(addr(443)).await;
         assert!(d.answer(addr(443), Target::default()));
         assert!(d.latest(addr(443)).is_some());
-        // The app dials two other destinations: 443 makes room and is no longer followed.
+        // Later, the app dials two other destinations: 443, now the least recently used, makes
+        // room and is no longer followed. (Without the pause, 443 and 1 were last used at the
+        // same paused instant and which one made room depended on the map's order.)
+        tokio::time::advance(Duration::from_millis(1)).await;
         d.lookup(addr(1)).await;
         d.lookup(addr(2)).await;
         assert!(d.settled(addr(443)).is_none());
