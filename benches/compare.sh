@@ -566,7 +566,7 @@ for ((p = BASE_PORT + 1; p < BASE_PORT + 100; p++)); do
 done
 
 log "building pillion-proxy and pillion-control (release)"
-(cd "$ROOT" && cargo build --release --locked -p pillion-proxy -p pillion-control-api) >&2
+(cd "$ROOT" && cargo build --release --locked -p pillion-proxy -p pillion-control) >&2
 TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 PROXY_BIN="$TARGET_DIR/release/pillion-proxy"
@@ -578,7 +578,7 @@ meta command "$ARGS_TEXT"
 meta machine "$(nproc) vCPU ($(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
 meta load "load average $(cut -d' ' -f1-3 /proc/loadavg) at start; $busy compiler/benchmark process(es) of other work running"
 meta settings "$ROUNDS round(s); closed loop: wrk -t1 -c64 (HTTP/1.1) or h2load -c4 -m16 (h2c), ${THROUGHPUT_SECONDS} s; open loop: ${RATES[*]} rps as rate/100 h2load clients of 1 connection at 100 rps, ${LATENCY_SECONDS} s after 0.5 s warm-up; CPU pinning: $([[ $PIN == 1 ]] && echo 'load on CPU 0, servers on CPU 1' || echo off)"
-meta pillion "$(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo unknown)$([[ -n $(git -C "$ROOT" status --porcelain -- proxy control-api Cargo.lock 2> /dev/null) ]] && echo ' + uncommitted changes')"
+meta pillion "$(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo unknown)$([[ -n $(git -C "$ROOT" status --porcelain -- proxy control Cargo.lock 2> /dev/null) ]] && echo ' + uncommitted changes')"
 meta peers "nginx $NGINX_VERSION, HAProxy ${HAPROXY_VERSION:-not installed}, Envoy ${ENVOY_VERSION:-not installed}; wrk $(wrk -v 2>&1 | head -n 1 | awk '{print $2}'), $(h2load --version | head -n 1)"
 if [[ ${busy:-0} -gt 0 ]]; then
     note "the machine was busy: $busy compiler/benchmark process(es) of other work were running when the run started"

@@ -1,4 +1,4 @@
-//! The control plane's policy file (`control-api/src/policy/`): YAML → `PolicyFile` → indexed
+//! The control plane's policy file (`control/src/policy/`): YAML → `PolicyFile` → indexed
 //! `Policy` → the `DestinationUpdate` each proxy receives.
 //!
 //! Input: the file's text. Checks: parsing never panics; every destination of an accepted policy
@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pillion_control_api::{
+use pillion_control::{
     policy::{convert::destination_update, model::Authority, parse},
     proto::DestinationUpdate,
 };

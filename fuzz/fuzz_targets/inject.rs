@@ -1,4 +1,4 @@
-//! The injector (`control-api/src/inject/`): a stream of Kubernetes YAML documents in, the same
+//! The injector (`control/src/inject/`): a stream of Kubernetes YAML documents in, the same
 //! stream with Pillion added to each workload out.
 //!
 //! Input: the YAML text. Checks: no panic (a bad document is an error naming it); what was
@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pillion_control_api::inject::{InjectOptions, Outcome, inject};
+use pillion_control::inject::{InjectOptions, Outcome, inject};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

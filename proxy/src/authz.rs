@@ -100,8 +100,8 @@ impl Authorization {
         Ok(Authorization::Allow { ids, prefixes })
     }
 
-    pub fn from_proto(policy: &pillion_control_api::proto::Authorization) -> Option<Self> {
-        use pillion_control_api::proto::authorization::Policy;
+    pub fn from_proto(policy: &pillion_control::proto::Authorization) -> Option<Self> {
+        use pillion_control::proto::authorization::Policy;
         Some(match policy.policy.as_ref()? {
             Policy::AllUnauthenticated(_) => Authorization::AllUnauthenticated,
             Policy::AllAuthenticated(_) => Authorization::AllAuthenticated,

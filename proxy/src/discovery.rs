@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use pillion_control_api::proto::{WatchRequest, discovery_client::DiscoveryClient};
+use pillion_control::proto::{WatchRequest, discovery_client::DiscoveryClient};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 use tonic::transport::Channel;

@@ -175,7 +175,7 @@ impl ControlPlane {
             .arg(dir.join("tokens.yaml"))
             .arg("--policy")
             .arg(files.policy())
-            .env("PILLION_LOG", "info,pillion_control=debug,pillion_control_api=debug");
+            .env("PILLION_LOG", "info,pillion_control=debug");
         if let Some(lifetime) = &options.cert_lifetime {
             cmd.args(["--cert-lifetime", lifetime]);
         }

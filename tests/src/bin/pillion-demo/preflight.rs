@@ -13,7 +13,7 @@ use std::process::Command;
 use pillion_tests::binaries::{self, MESH_BINARIES};
 
 /// The packages whose binaries the mesh runs.
-const MESH_PACKAGES: [&str; 3] = ["pillion-proxy", "pillion-iptables-init", "pillion-control-api"];
+const MESH_PACKAGES: [&str; 3] = ["pillion-proxy", "pillion-iptables-init", "pillion-control"];
 
 /// Root and the network tools, for the namespaces mode.
 pub fn check_namespaces_mode() -> Result<(), String> {

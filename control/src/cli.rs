@@ -10,7 +10,7 @@ use clap::{
     builder::BoolishValueParser,
     error::{ContextKind, ContextValue, ErrorKind},
 };
-use pillion_control_api::{
+use pillion_control::{
     inject::{self, InjectOptions},
     policy::model::SpiffeId,
     server::Limits,
@@ -25,7 +25,7 @@ use tracing_subscriber::EnvFilter;
     about = "Pillion's control plane: workload certificates, discovery, route and authorization policy"
 )]
 pub struct Cli {
-    /// Tracing filter in EnvFilter syntax (e.g. `info,pillion_control_api=debug`).
+    /// Tracing filter in EnvFilter syntax (e.g. `info,pillion_control=debug`).
     #[arg(long, global = true, env = "PILLION_LOG", default_value = "info", value_name = "FILTER", value_parser = parse_filter)]
     pub log: String,
 
@@ -437,7 +437,7 @@ fn parse_control_addr(s: &str) -> Result<String, String> {
 
 fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
     s.parse()
-        .map_err(|e: pillion_control_api::spiffe::InvalidName| e.to_string())
+        .map_err(|e: pillion_control::spiffe::InvalidName| e.to_string())
 }
 
 fn parse_spiffe_id(s: &str) -> Result<SpiffeId, String> {

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use pillion_control_api::{
+use pillion_control::{
     auth::TokenFile,
     policy::PolicyWatch,
     proto::{DestinationUpdate, ProtocolHint, WatchRequest, discovery_client::DiscoveryClient},
@@ -39,7 +39,7 @@ struct Setup {
     client: DiscoveryClient<tonic::transport::Channel>,
     policy: PolicyWatch,
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<Result<(), pillion_control_api::server::ServeError>>,
+    server: tokio::task::JoinHandle<Result<(), pillion_control::server::ServeError>>,
     dir: support::TempDir,
 }
 

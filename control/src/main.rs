@@ -10,7 +10,7 @@ mod cli;
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
 use cli::{CaCommand, CaInitArgs, Cli, Command, InjectCommand, LogFormat, ServeArgs};
-use pillion_control_api::{
+use pillion_control::{
     auth::{AnyAuthenticator, CachedAuthenticator, TokenFile, TokenReview, cache},
     ca::{self, CertificateAuthority},
     inject::{self, InjectOptions},

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
-use pillion_control_api::{
+use pillion_control::{
     auth::{AuthError, Authenticator, CachedAuthenticator, TokenReview, TokenReviewConfig, WorkloadId, cache},
     policy::{Policy, PolicyWatch},
     proto::{CertifyRequest, identity_client::IdentityClient},

@@ -242,7 +242,7 @@ async fn wait_for_port(port: u16) {
 
 #[tokio::test]
 async fn serve_speaks_tls_as_its_identity_or_plaintext_when_told() {
-    use pillion_control_api::proto::{CertifyRequest, identity_client::IdentityClient};
+    use pillion_control::proto::{CertifyRequest, identity_client::IdentityClient};
     use rustls_pki_types::{CertificateDer, pem::PemObject};
 
     let dir = support::TempDir::new("cli-tls");

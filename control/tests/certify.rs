@@ -3,7 +3,7 @@
 
 mod support;
 
-use pillion_control_api::{
+use pillion_control::{
     auth::TokenFile,
     policy::{Policy, PolicyWatch},
     proto::{CertifyRequest, identity_client::IdentityClient},

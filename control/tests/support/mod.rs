@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use pillion_control_api::{
+use pillion_control::{
     auth::{Authenticator, WorkloadId},
     ca::{CertificateAuthority, GeneratedCa, generate},
     policy::{PolicyWatch, model::SpiffeId},

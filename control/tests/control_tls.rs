@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use pillion_control_api::{
+use pillion_control::{
     auth::TokenFile,
     ca::{CertificateAuthority, generate},
     policy::{self, PolicyWatch},

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
-use pillion_control_api::{
+use pillion_control::{
     inject::{self, InjectOptions},
     kube_api::{KubeApi, KubeApiConfig},
     webhook::{self, CertificateFiles, Namespaces, Webhook},

@@ -6,7 +6,7 @@
 //! `pillion.io/injected` annotation) regenerate them, then read the diff before committing:
 //!
 //! ```sh
-//! PILLION_UPDATE_GOLDEN=1 cargo test -p pillion-control-api --test inject
+//! PILLION_UPDATE_GOLDEN=1 cargo test -p pillion-control --test inject
 //! ```
 
 use std::{
@@ -15,7 +15,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use pillion_control_api::inject::{InjectOptions, Outcome, inject};
+use pillion_control::inject::{InjectOptions, Outcome, inject};
 use yaml_serde::Value;
 
 /// Every golden case, with what the injector reports for it (stderr of the binary).
@@ -66,7 +66,7 @@ fn expected(name: &str) -> String {
 }
 
 /// The report lines as the binary prints them.
-fn report_lines(reports: &[pillion_control_api::inject::Report]) -> Vec<String> {
+fn report_lines(reports: &[pillion_control::inject::Report]) -> Vec<String> {
     let mut lines = Vec::new();
     for report in reports {
         lines.push(report.to_string());
@@ -105,7 +105,7 @@ fn golden_files() {
     }
     assert!(
         mismatches.is_empty(),
-        "{mismatches:#?}\nIf the change is intended: PILLION_UPDATE_GOLDEN=1 cargo test -p pillion-control-api --test inject, then review the diff"
+        "{mismatches:#?}\nIf the change is intended: PILLION_UPDATE_GOLDEN=1 cargo test -p pillion-control --test inject, then review the diff"
     );
 }
 
