@@ -31,3 +31,4 @@ pub mod policy;
 mod stuck_file;
 pub mod tls;
 pub mod transport;
+pub mod transport_header;
