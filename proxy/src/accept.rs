@@ -84,9 +84,12 @@ where
         let dst = match (fixed_target, &pod_ips) {
             // A fixed target is the operator's own choice, not a destination a peer picked.
             (Some(target), _) => Ok(OriginalDst(target)),
-            (None, Some(pod_ips)) => {
-                transport::original_dst(&stream).and_then(|dst| transport::check_pod_address(dst, pod_ips))
-            }
+            (None, Some(pod_ips)) => match transport::original_dst(&stream) {
+                // Addressed to the inbound port itself at a pod address: a peer proxy's opaque
+                // transport (docs/opaque.md). The inbound path accepts it or refuses it.
+                Err(NoTarget::Loop(dst)) if pod_ips.contains(&dst.ip()) => Ok(OriginalDst(dst)),
+                dst => dst.and_then(|dst| transport::check_pod_address(dst, pod_ips)),
+            },
             (None, None) => transport::original_dst(&stream),
         };
         let dst = match dst {

@@ -32,6 +32,7 @@ use crate::{
     logging::LogLevel,
     mesh::Mesh,
     metrics::{Direction, Metrics},
+    opaque_transport::OpaqueTransport,
     outbound::Outbound,
     policy::{
         file::FileError,
@@ -132,6 +133,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         tokio::spawn(reload::watch(path.clone(), policy.clone(), metrics.http.clone()));
     }
 
+    let opaque_transport = OpaqueTransport::new(&config, mesh.as_deref());
     let inbound = Arc::new(Inbound {
         forward,
         metrics: metrics.tcp(Direction::Inbound),
@@ -143,6 +145,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
             policy: policy.clone(),
             default: config.inbound_default_authorization.clone(),
         }),
+        transport: opaque_transport.clone(),
     });
     let pod_ips: Arc<[IpAddr]> = config.inbound_ips.addrs.as_slice().into();
     for listener in inbound_listeners {
@@ -168,6 +171,7 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         detect: detect(),
         http: http(Direction::Outbound),
         mesh: mesh.clone(),
+        transport: opaque_transport,
     });
     for listener in outbound_listeners {
         let outbound = outbound.clone();

@@ -2,8 +2,9 @@
 //! TLS, outbound plain, outbound into mesh TLS): bytes both ways, with the semantics of a real
 //! TCP path, the same on each.
 //!
-//! - Upstream: connect (within the connect timeout), then mesh TLS when the target is meshed, then
-//!   the bytes read during protocol detection. Any failure resets the client: without a proxy
+//! - Upstream: connect (within the connect timeout), then mesh TLS when the target is meshed
+//!   (through the opaque transport to its proxy, or directly), then the bytes read during
+//!   protocol detection. Any failure resets the client: without a proxy
 //!   it would have been refused.
 //! - Half-close: EOF from one side becomes a FIN (`shutdown(Write)`, after TLS's close_notify)
 //!   towards the other, and the opposite direction keeps flowing until it ends too.
@@ -34,8 +35,10 @@ use tokio::{
 
 use crate::{
     detect::PrefixedIo,
-    mesh::{Mesh, Security},
+    mesh::Mesh,
     metrics::{Direction, TcpMetrics},
+    opaque_transport::OpaqueTransport,
+    tls::spiffe::SpiffeId,
     transport::{self, ConnectSettings},
 };
 
@@ -66,8 +69,20 @@ pub enum ForwardError {
     Idle(Duration),
 }
 
-/// Forwards `client` to `target` (in mesh TLS when `security` says so), sending `prefix` first;
-/// logs one line if anything fails.
+/// How the upstream side of an opaque connection is reached.
+pub enum Upstream<'a> {
+    /// Plain TCP to the target: the app behind an inbound proxy, or an unmeshed destination.
+    Plain,
+    /// Mesh TLS to the target itself, whose proxy detects and terminates it: for a fixed
+    /// outbound target (no iptables), which is that proxy's inbound port already.
+    Mesh(&'a Mesh, SpiffeId),
+    /// The opaque transport to the target's proxy (see [`crate::opaque_transport`]): its proxy
+    /// knows the connection is mesh TLS for the target's port without reading the app's bytes.
+    Transport(&'a Mesh, &'a OpaqueTransport, SpiffeId),
+}
+
+/// Forwards `client` to `target` the way `upstream` says, sending `prefix` first; logs one line
+/// if anything fails.
 #[allow(clippy::too_many_arguments)]
 pub async fn proxy_opaque<C: Socket>(
     mut client: C,
@@ -75,35 +90,48 @@ pub async fn proxy_opaque<C: Socket>(
     peer: SocketAddr,
     target: SocketAddr,
     direction: Direction,
-    security: (Option<&Mesh>, Security),
+    upstream: Upstream<'_>,
     settings: ForwardSettings,
     metrics: &TcpMetrics,
 ) {
     let dir = direction.as_str();
-    let server = match transport::connect(target, settings.connect).await {
+    // The transport connects to the target's proxy, not to the target's port.
+    let address = match &upstream {
+        Upstream::Transport(_, transport, _) => transport.peer_proxy(target).unwrap_or(target),
+        Upstream::Plain | Upstream::Mesh(..) => target,
+    };
+    let server = match transport::connect(address, settings.connect).await {
         Ok(server) => server,
         Err(error) => {
             metrics.connect_errors.inc();
-            tracing::warn!(direction = dir, %peer, %target, %error, "upstream connect failed");
+            tracing::warn!(direction = dir, %peer, %target, %address, %error, "upstream connect failed");
             transport::reset_on_close(client.tcp());
             return;
         }
     };
-    let result = match security {
-        (Some(mesh), Security::Mesh(id)) => match mesh.connect(server, &id).await {
-            Ok(mut tls) => relay(&mut client, &mut tls, prefix, settings.idle_timeout, metrics).await,
-            Err(error) => {
-                metrics.connect_errors.inc();
-                tracing::warn!(direction = dir, %peer, %target, %id, %error, "mesh TLS to the upstream failed");
-                transport::reset_on_close(client.tcp());
-                return;
-            }
-        },
-        _ => {
+    let (tls, id) = match upstream {
+        Upstream::Plain => {
             let mut server = server;
-            relay(&mut client, &mut server, prefix, settings.idle_timeout, metrics).await
+            let result = relay(&mut client, &mut server, prefix, settings.idle_timeout, metrics).await;
+            return log_end(dir, peer, target, result);
         }
+        Upstream::Mesh(mesh, id) => (mesh.connect(server, &id).await, id),
+        Upstream::Transport(mesh, transport, id) => (transport.open(mesh, server, &id, target.port()).await, id),
     };
+    match tls {
+        Ok(mut tls) => {
+            let result = relay(&mut client, &mut tls, prefix, settings.idle_timeout, metrics).await;
+            log_end(dir, peer, target, result)
+        }
+        Err(error) => {
+            metrics.connect_errors.inc();
+            tracing::warn!(direction = dir, %peer, %target, %address, %id, %error, "mesh TLS to the upstream failed");
+            transport::reset_on_close(client.tcp());
+        }
+    }
+}
+
+fn log_end(dir: &str, peer: SocketAddr, target: SocketAddr, result: Result<(u64, u64), ForwardError>) {
     match result {
         Ok((sent, received)) => {
             tracing::debug!(direction = dir, %peer, %target, sent, received, "connection closed");
@@ -446,14 +474,13 @@ mod tests {
         // The client side as the inbound TLS path has it: layered over the socket.
         let layered = PrefixedIo::new(bytes::BytesMut::from(&b"hello"[..]), proxy_side);
         let peer = client.local_addr().unwrap();
-        let security = (None, Security::Plain);
         proxy_opaque(
             layered,
             b"",
             peer,
             target,
             Direction::Inbound,
-            security,
+            Upstream::Plain,
             settings(HOUR),
             &metrics,
         )
@@ -475,14 +502,13 @@ mod tests {
         let m = metrics.clone();
         let task = tokio::spawn(async move {
             let peer = "10.0.0.1:1".parse().unwrap();
-            let security = (None, Security::Plain);
             proxy_opaque(
                 proxy_side,
                 b"GET",
                 peer,
                 target,
                 Direction::Outbound,
-                security,
+                Upstream::Plain,
                 settings(HOUR),
                 &m,
             )

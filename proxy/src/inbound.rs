@@ -2,6 +2,9 @@
 //!
 //! ```text
 //! accept on PILLION_INBOUND_ADDR → original destination (pod IP : app port)
+//!   → addressed to the inbound port itself? a peer proxy's opaque transport: mesh TLS for our
+//!     identity with the transport's ALPN, a header naming the app port, authorize the client
+//!     for that port, opaque bytes to the app, no detection; anything else there is refused
 //!   → detect the protocol
 //!   → mesh TLS for our identity (SNI)? terminate it, verify the client's certificate,
 //!     and detect again on the plaintext inside
@@ -19,16 +22,18 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::BytesMut;
-use tracing::{info, warn};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
 
 use crate::{
     accept::Accepted,
     authz::Authorizer,
     detect::{DetectSettings, PrefixedIo, Protocol},
-    forward::{self, ForwardSettings, Socket},
+    forward::{self, ForwardSettings, Socket, Upstream},
     http::{HttpProxy, authz::ConnectionAuthz, upstream::Version},
-    mesh::{Mesh, Security},
+    mesh::Mesh,
     metrics::{Direction, TcpMetrics},
+    opaque_transport::OpaqueTransport,
     tls::spiffe::SpiffeId,
 };
 
@@ -39,11 +44,17 @@ pub struct Inbound {
     pub http: HttpProxy,
     pub mesh: Option<Arc<Mesh>>,
     pub authorizer: Arc<Authorizer>,
+    pub transport: OpaqueTransport,
 }
 
 impl Inbound {
     pub async fn proxy(self: Arc<Self>, conn: Accepted) {
         let Accepted { mut stream, peer, dst } = conn;
+        // Not redirected from an app port but addressed to our own: only a peer proxy's opaque
+        // transport comes this way, and it says which app port it is for.
+        if self.transport.is_addressed_to_us(dst.0) {
+            return self.serve_transport(stream, peer, dst.0).await;
+        }
         let app = dst.0;
         let Some((protocol, prefix)) = self.detect.run(&mut stream, app.port()).await else {
             return;
@@ -68,14 +79,14 @@ impl Inbound {
         if matches!(protocol, Protocol::Tls | Protocol::Opaque) {
             self.metrics.mesh_connection(None);
             if self.authorize(app, None, peer).await {
-                let (plain, metrics) = ((None, Security::Plain), &self.metrics);
+                let metrics = &self.metrics;
                 forward::proxy_opaque(
                     stream,
                     &prefix,
                     peer,
                     app,
                     Direction::Inbound,
-                    plain,
+                    Upstream::Plain,
                     self.forward,
                     metrics,
                 )
@@ -116,11 +127,67 @@ impl Inbound {
                     .await
             }
             Protocol::Tls | Protocol::Opaque if self.authorize(app, client_id.as_ref(), peer).await => {
-                let (plain, metrics) = ((None, Security::Plain), &self.metrics);
-                forward::proxy_opaque(io, &prefix, peer, app, Direction::Inbound, plain, self.forward, metrics).await
+                let metrics = &self.metrics;
+                forward::proxy_opaque(
+                    io,
+                    &prefix,
+                    peer,
+                    app,
+                    Direction::Inbound,
+                    Upstream::Plain,
+                    self.forward,
+                    metrics,
+                )
+                .await
             }
             // Denied TCP: closing is the only answer TCP has.
             Protocol::Tls | Protocol::Opaque => {}
+        }
+    }
+
+    /// A connection addressed to our inbound port (`dst`): a peer proxy's opaque transport,
+    /// forwarded like a mesh TLS connection to the port its header names, or refused.
+    async fn serve_transport(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        // Without an identity nothing can be a transport: it is a connection to ourselves.
+        let Some(mesh) = &self.mesh else {
+            self.metrics.refused_loop.inc();
+            debug!(%peer, %dst, "connection addressed to the inbound port itself; refusing a forwarding loop");
+            return;
+        };
+        let (tls, client_id, port) = match self.transport.accept(mesh, stream).await {
+            Ok(accepted) => accepted,
+            Err(refusal) => {
+                self.metrics.refused_not_transport.inc();
+                // Before a verified certificate anyone can cause a refusal: debug, or a scan of
+                // the port floods the log. After it, a mesh workload is misbehaving: say so.
+                match refusal.client {
+                    Some(client) => {
+                        info!(%peer, client = client.as_str(), error = %refusal.reason, "opaque transport refused")
+                    }
+                    None => {
+                        debug!(%peer, error = %refusal.reason, "connection to the inbound port refused: not an opaque transport")
+                    }
+                }
+                return;
+            }
+        };
+        // From here as a mesh TLS connection straight to pod-ip:port, minus detection: the
+        // client proxy sends only non-HTTP traffic this way, and the app may speak first.
+        let app = SocketAddr::new(dst.ip(), port);
+        self.metrics.mesh_connection(Some(client_id.as_str()));
+        if self.authorize(app, Some(&client_id), peer).await {
+            let metrics = &self.metrics;
+            forward::proxy_opaque(
+                tls,
+                &[],
+                peer,
+                app,
+                Direction::Inbound,
+                Upstream::Plain,
+                self.forward,
+                metrics,
+            )
+            .await
         }
     }
 

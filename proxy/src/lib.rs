@@ -25,6 +25,7 @@ pub mod inbound;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;
+pub mod opaque_transport;
 pub mod outbound;
 pub mod policy;
 #[cfg(test)]

@@ -111,6 +111,43 @@ impl Mesh {
         let until = session_end(self.own_not_after()?, tls.get_ref().1.peer_certificates());
         Ok((CertBound::new(tls, until), id))
     }
+
+    /// [`connect`](Self::connect) with another client configuration over the same identity
+    /// store: the opaque transport's, which offers its own ALPN protocol.
+    pub async fn connect_with(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+        stream: TcpStream,
+        id: &SpiffeId,
+    ) -> io::Result<CertBound<client::TlsStream<TcpStream>>> {
+        let sni = id.to_sni().map_err(io::Error::other)?;
+        let name = ServerName::try_from(sni).map_err(io::Error::other)?;
+        let tls = TlsConnector::from(config).connect(name, stream).await?;
+        let until = session_end(self.own_not_after()?, tls.get_ref().1.peer_certificates());
+        Ok(CertBound::new(tls, until))
+    }
+
+    /// [`accept`](Self::accept) with another server configuration over the same identity store:
+    /// the opaque transport's, which accepts only its own ALPN protocol.
+    pub async fn accept_with<I>(
+        &self,
+        config: Arc<rustls::ServerConfig>,
+        io: I,
+    ) -> io::Result<(CertBound<server::TlsStream<I>>, SpiffeId)>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let tls = TlsAcceptor::from(config).accept(io).await?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "client sent no certificate"))?;
+        let id = SpiffeId::from_certificate(peer).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+        let until = session_end(self.own_not_after()?, tls.get_ref().1.peer_certificates());
+        Ok((CertBound::new(tls, until), id))
+    }
 }
 
 /// The SNI of a complete ClientHello record, parsed by rustls without answering it.

@@ -92,6 +92,9 @@ pub struct TcpMetrics {
     pub refused_not_pod_address: Counter,
     /// Closed at accept: the listener was at its connection limit.
     pub refused_limit: Counter,
+    /// Inbound only: addressed to the inbound port itself and not a valid opaque transport
+    /// (plaintext, TLS for another identity or ALPN, a bad header, a port it may not name).
+    pub refused_not_transport: Counter,
     /// Indexed by [`Protocol`] order: http1, http2, tls, opaque.
     detected: [Counter; 4],
     pub authz_denied: Counter,
@@ -162,7 +165,7 @@ impl Metrics {
         );
         registry.register(
             "tcp_connections_refused",
-            "Accepted connections closed without forwarding (reason: loop, no_original_dst, not_pod_address, limit)",
+            "Accepted connections closed without forwarding (reason: loop, no_original_dst, not_pod_address, limit, not_transport)",
             tcp.refused.clone(),
         );
         registry.register(
@@ -234,6 +237,7 @@ impl Metrics {
             refused_no_original_dst: refused("no_original_dst"),
             refused_not_pod_address: refused("not_pod_address"),
             refused_limit: refused("limit"),
+            refused_not_transport: refused("not_transport"),
             detected: [Protocol::Http1, Protocol::Http2, Protocol::Tls, Protocol::Opaque].map(|protocol| {
                 self.tcp
                     .detected

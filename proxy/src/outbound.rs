@@ -5,7 +5,8 @@
 //!   → detect the protocol
 //!   → HTTP: the HTTP stack (routes, timeouts, retries, metrics), in the app's protocol; its
 //!     upstream connections are mesh TLS when discovery says the target is meshed
-//!   → anything else: opaque bytes, in mesh TLS to a meshed target, plain otherwise
+//!   → anything else: opaque bytes; to a meshed target in mesh TLS through the opaque transport
+//!     (to the target's proxy's inbound port, the target's port in a header), plain otherwise
 //! ```
 //!
 //! Our upstream connections are not redirected back to us because they leave from the proxy's
@@ -16,10 +17,11 @@ use std::sync::Arc;
 use crate::{
     accept::Accepted,
     detect::{DetectSettings, PrefixedIo, Protocol},
-    forward::{self, ForwardSettings},
+    forward::{self, ForwardSettings, Upstream},
     http::{HttpProxy, upstream::Version},
     mesh::{Mesh, Security},
     metrics::{Direction, TcpMetrics},
+    opaque_transport::OpaqueTransport,
 };
 
 pub struct Outbound {
@@ -28,6 +30,7 @@ pub struct Outbound {
     pub detect: DetectSettings,
     pub http: HttpProxy,
     pub mesh: Option<Arc<Mesh>>,
+    pub transport: OpaqueTransport,
 }
 
 impl Outbound {
@@ -46,7 +49,6 @@ impl Outbound {
                     .await
             }
             Protocol::Tls | Protocol::Opaque => {
-                // A meshed target gets the app's bytes inside mTLS to its proxy; the rest, plain.
                 let mesh = self.mesh.as_deref();
                 let security = match mesh {
                     Some(mesh) => mesh.security_for(target).await,
@@ -57,6 +59,18 @@ impl Outbound {
                     Security::Plain => None,
                 };
                 self.metrics.mesh_connection(id);
+                let upstream = match (mesh, security) {
+                    // A meshed target: the app's bytes go in mTLS to the target's proxy through
+                    // the opaque transport, which tells that proxy the port without it reading
+                    // a byte (the target's port may be opaque there, its server speaking first).
+                    // The app's own TLS takes it too: one path for every non-HTTP mesh hop.
+                    (Some(mesh), Security::Mesh(id)) if self.transport.peer_proxy(target).is_some() => {
+                        Upstream::Transport(mesh, &self.transport, id)
+                    }
+                    // A fixed target (no iptables) is a proxy's inbound port already.
+                    (Some(mesh), Security::Mesh(id)) => Upstream::Mesh(mesh, id),
+                    _ => Upstream::Plain,
+                };
                 let (forward, metrics) = (self.forward, &self.metrics);
                 forward::proxy_opaque(
                     stream,
@@ -64,7 +78,7 @@ impl Outbound {
                     peer,
                     target,
                     Direction::Outbound,
-                    (mesh, security),
+                    upstream,
                     forward,
                     metrics,
                 )
