@@ -62,6 +62,32 @@ pub fn require_root(test: &str) -> bool {
     }
 }
 
+/// [`require_root`], and also `programs` installed (e.g. `redis-server` for one test): the
+/// same decision, so under `CI=true` a missing program fails the test instead of skipping it.
+pub fn require_programs(test: &str, programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|program| find_program(program).is_none())
+        .collect();
+    let cannot = cannot_run().or_else(|| {
+        (!missing.is_empty()).then(|| {
+            format!(
+                "missing programs: {} (see .ci/run for the packages)",
+                missing.join(", ")
+            )
+        })
+    });
+    match can_run(cannot, in_ci()) {
+        Ok(None) => true,
+        Ok(Some(reason)) => {
+            eprintln!("skipping {test}: {reason}");
+            false
+        }
+        Err(reason) => panic!("{test} cannot run in CI: {reason}"),
+    }
+}
+
 /// The decision of [`require_root`]: run (`Ok(None)`), skip for a reason (`Ok(Some)`), or fail.
 fn can_run(cannot: Option<String>, ci: bool) -> Result<Option<String>, String> {
     match cannot {
