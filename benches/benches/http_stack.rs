@@ -29,7 +29,7 @@ use pillion_proxy::{
         upstream::{Pool, Version},
     },
     metrics::{Direction, Metrics},
-    policy::{Policy, file::RouteFile},
+    policy::{self, Policy},
     transport::ConnectSettings,
 };
 use tokio::{io::DuplexStream, net::TcpStream, runtime::Runtime};
@@ -92,7 +92,7 @@ fn http2_request(path: &str) -> Request<ReqBody> {
 /// client's end. Must run inside the runtime, which then drives the proxy.
 fn proxy(version: Version, upstream: SocketAddr) -> DuplexStream {
     let metrics = Metrics::new();
-    let file = RouteFile::parse(ROUTES).expect("route file parses");
+    let file = policy::parse(ROUTES, "routes.yaml").expect("route file parses");
     let policy = Policy::compile(file, &metrics.http).expect("route file compiles");
     let http = HttpProxy {
         direction: Direction::Outbound,

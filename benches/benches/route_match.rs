@@ -16,7 +16,7 @@ use pillion_benches::{
 };
 use pillion_proxy::{
     metrics::Metrics,
-    policy::{Policy, file::RouteFile},
+    policy::{self, Policy},
 };
 
 // The allocator the `pillion-proxy` binary ships with, so allocations cost what they cost there.
@@ -33,11 +33,11 @@ fn route_compile(c: &mut Bench) {
     for n in SIZES {
         let yaml = routes_yaml(n);
         group.bench_with_input(BenchmarkId::new("parse", n), &yaml, |b, yaml| {
-            b.iter(|| RouteFile::parse(black_box(yaml)).expect("parses"))
+            b.iter(|| policy::parse(black_box(yaml), "routes.yaml").expect("parses"))
         });
         group.bench_with_input(BenchmarkId::new("compile", n), &yaml, |b, yaml| {
             b.iter_batched(
-                || RouteFile::parse(yaml).expect("parses"),
+                || policy::parse(yaml, "routes.yaml").expect("parses"),
                 |file| Policy::compile(file, &metrics.http).expect("compiles"),
                 BatchSize::LargeInput,
             )

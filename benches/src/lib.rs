@@ -27,7 +27,7 @@ use hyper_util::{
 };
 use pillion_proxy::{
     http::metrics::HttpMetrics,
-    policy::{Policy, file::RouteFile},
+    policy::{self, Policy},
 };
 use tokio::net::TcpListener;
 
@@ -168,7 +168,7 @@ fn svc_prefix(i: usize) -> String {
 
 /// Parses and compiles the generated file with `n` routes.
 pub fn compiled_policy(n: usize, metrics: &HttpMetrics) -> Policy {
-    let file = RouteFile::parse(&routes_yaml(n)).expect("generated route file parses");
+    let file = policy::parse(&routes_yaml(n), "routes.yaml").expect("generated route file parses");
     Policy::compile(file, metrics).expect("generated route file compiles")
 }
 

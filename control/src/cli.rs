@@ -91,7 +91,7 @@ pub struct InjectCommand {
 impl InjectCommand {
     pub fn options(&self) -> InjectOptions {
         let control_identity = match &self.control_identity {
-            Some(id) => id.0.clone(),
+            Some(id) => id.as_str().to_string(),
             None => inject::control_identity(&self.trust_domain.to_string(), &self.inject.control_plane_namespace),
         };
         InjectOptions {
@@ -311,16 +311,17 @@ impl ServeArgs {
     pub fn control_identity(&self) -> Result<SpiffeId, String> {
         let id = match &self.identity {
             Some(id) => id.clone(),
-            None => SpiffeId(format!(
+            // A trust domain is valid, so this ID is too; parsing it keeps one way to make one.
+            None => SpiffeId::try_from(format!(
                 "spiffe://{}/ns/pillion-system/sa/pillion-control",
                 self.trust_domain
-            )),
+            ))?,
         };
         let prefix = format!("spiffe://{}/", self.trust_domain);
-        if !id.0.starts_with(&prefix) {
+        if !id.as_str().starts_with(&prefix) {
             return Err(format!(
                 "invalid value '{}' for '--identity <SPIFFE_ID>' (env PILLION_CONTROL_IDENTITY): not in trust domain {}",
-                id.0, self.trust_domain
+                id, self.trust_domain
             ));
         }
         Ok(id)
@@ -487,7 +488,7 @@ mod tests {
         assert!(!args.plaintext);
         assert_eq!(args.token_review_audiences(), vec!["pillion".to_string()]);
         assert_eq!(
-            args.control_identity().unwrap().0,
+            args.control_identity().unwrap().as_str(),
             "spiffe://cluster.local/ns/pillion-system/sa/pillion-control"
         );
     }
@@ -521,12 +522,12 @@ mod tests {
         let args = serve_args(&["--trust-domain=example.org", "--plaintext"]).unwrap();
         assert!(args.plaintext);
         assert_eq!(
-            args.control_identity().unwrap().0,
+            args.control_identity().unwrap().as_str(),
             "spiffe://example.org/ns/pillion-system/sa/pillion-control"
         );
         let args = serve_args(&["--identity=spiffe://cluster.local/ns/mesh/sa/control"]).unwrap();
         assert_eq!(
-            args.control_identity().unwrap().0,
+            args.control_identity().unwrap().as_str(),
             "spiffe://cluster.local/ns/mesh/sa/control"
         );
         let args = serve_args(&["--identity=spiffe://other.org/ns/mesh/sa/control"]).unwrap();

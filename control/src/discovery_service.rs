@@ -69,7 +69,7 @@ impl Discovery for DiscoveryService {
         let destination: Authority = requested
             .parse()
             .map_err(|e: String| Status::invalid_argument(format!("destination: {e}")))?;
-        tracing::debug!(%destination, caller = ?caller.as_ref().map(|c| &c.0), "watch opened");
+        tracing::debug!(%destination, caller = ?caller.as_ref().map(|c| c.as_str()), "watch opened");
         let state = StreamState {
             destination,
             caller,

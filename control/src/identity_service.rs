@@ -75,7 +75,7 @@ impl<A: Authenticator> Identity for IdentityService<A> {
         };
         let valid_until = svid.not_after.unix_timestamp();
         let client_certificate = match &caller.identity {
-            PeerIdentity::Verified(id) => id.0.as_str(),
+            PeerIdentity::Verified(id) => id.as_str(),
             PeerIdentity::Anonymous => "none",
             PeerIdentity::Plaintext => "plaintext",
         };

@@ -1,8 +1,8 @@
-//! Pillion's control-plane API.
+//! Pillion's control plane, `pillion-control`.
 //!
-//! The protocol (`proto/pillion/control/v1/*.proto`) and its generated client live in [`proto`], so
-//! the proxy depends on this crate for the wire types only. The rest is the reference server that
-//! `pillion-control serve` runs:
+//! The protocol, SPIFFE names and the policy model are `pillion-api`'s, shared with the proxy
+//! (re-exported here as [`proto`], [`spiffe`] and [`policy`]'s model). This crate is the server
+//! that `pillion-control serve` runs:
 //!
 //! ```text
 //! auth        token → WorkloadId (token file, or Kubernetes TokenReview)
@@ -24,9 +24,10 @@ pub mod identity_service;
 pub mod inject;
 pub mod kube_api;
 pub mod policy;
-pub mod proto;
 pub mod rate_limit;
 pub mod server;
-pub mod spiffe;
 pub mod tls;
 pub mod webhook;
+
+// Shared with the proxy.
+pub use pillion_api::{proto, spiffe};

@@ -134,7 +134,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     } else {
         let identity = ServerIdentity::new(ca.clone(), control_identity).map_err(|e| e.to_string())?;
         tracing::info!(
-            spiffe_id = %identity.spiffe_id().0,
+            spiffe_id = %identity.spiffe_id(),
             valid_until = identity.not_after().unix_timestamp(),
             "control-plane certificate issued"
         );
@@ -166,7 +166,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let webhook = Arc::new(Webhook {
             options: InjectOptions {
                 trust_domain: args.trust_domain.to_string(),
-                control_identity: control_identity.0.clone(),
+                control_identity: control_identity.as_str().to_string(),
                 ..args.inject.options()
             },
             namespaces: Namespaces::new(kube_api.clone()),

@@ -1,4 +1,4 @@
-//! The proxy's route file (`proxy/src/policy/`): YAML → `RouteFile` → compiled `Policy`, then
+//! The proxy's route file (`proxy/src/policy/`): YAML → the shared policy model → compiled `Policy`, then
 //! lookups on what was compiled.
 //!
 //! Input: the file's text. Checks: parsing and compiling never panic (errors are values), and a
@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use libfuzzer_sys::fuzz_target;
 use pillion_proxy::{
     http::metrics::HttpMetrics,
-    policy::{Policy, file::RouteFile},
+    policy::{self, Policy},
 };
 use prometheus_client::registry::Registry;
 
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(file) = RouteFile::parse(text) else {
+    let Ok(file) = policy::parse(text, "routes.yaml") else {
         return;
     };
     // A registry per input: route metrics are keyed by route name and would pile up otherwise.

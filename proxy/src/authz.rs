@@ -7,11 +7,15 @@
 //! default. With a control plane configured and no answer from it yet, the answer is no: an
 //! unreachable control plane must not open ports it would have closed.
 
-use std::{fmt, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
-use serde::Deserialize;
+pub use pillion_api::policy::model::Authorization;
 
-use crate::{discovery::Discovery, policy::reload::SharedPolicy, tls::spiffe::SpiffeId};
+use crate::{
+    discovery::{Discovery, Handle},
+    policy::reload::SharedPolicy,
+    tls::spiffe::SpiffeId,
+};
 
 /// Decides authorization from the current policies.
 pub struct Authorizer {
@@ -20,19 +24,45 @@ pub struct Authorizer {
     pub default: Authorization,
 }
 
+/// One connection's view of the control plane's policy for its port, held so that each
+/// request's decision reads it without a shared lock.
+pub struct PortPolicy {
+    app: SocketAddr,
+    handle: Option<Handle>,
+}
+
 impl Authorizer {
+    /// The policy handle a connection to `app` holds.
+    pub fn port(&self, app: SocketAddr) -> PortPolicy {
+        PortPolicy {
+            app,
+            handle: self.discovery.as_ref().and_then(|d| d.handle_addr(app)),
+        }
+    }
+
     /// A connection's decision: the first one for a port waits briefly for the control plane.
     pub async fn connection(&self, app: SocketAddr, client: Option<&SpiffeId>) -> bool {
-        if let Some(discovery) = &self.discovery {
-            discovery.lookup(app).await;
+        let mut port = self.port(app);
+        self.resolve(&mut port).await;
+        self.decide(&port, client)
+    }
+
+    /// Waits (the first time for a port, briefly) for the control plane's answer.
+    pub async fn resolve(&self, port: &mut PortPolicy) {
+        if let Some(handle) = &mut port.handle {
+            handle.resolve().await;
         }
-        self.decide(app, client)
     }
 
     /// The decision against the latest known policies, without waiting.
-    pub fn decide(&self, app: SocketAddr, client: Option<&SpiffeId>) -> bool {
+    pub fn decide(&self, port: &PortPolicy, client: Option<&SpiffeId>) -> bool {
         if let Some(discovery) = &self.discovery {
-            match discovery.latest(app) {
+            let answer = match &port.handle {
+                Some(handle) if !handle.is_dropped() => handle.latest(),
+                // Made room for while the connection was open: follow it again.
+                _ => discovery.handle_addr(port.app).and_then(|h| h.latest()),
+            };
+            match answer {
                 None => return false,
                 Some(target) => {
                     if let Some(authorization) = &target.authorization {
@@ -43,101 +73,15 @@ impl Authorizer {
         }
         let policy = self.policy.load();
         policy
-            .inbound_authorization(app.port())
+            .inbound_authorization(port.app.port())
             .unwrap_or(&self.default)
             .permits(client)
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Authorization {
-    /// Anyone, with or without mesh TLS.
-    AllUnauthenticated,
-    /// Any client with a verified mesh identity.
-    AllAuthenticated,
-    Deny,
-    /// Mesh clients whose SPIFFE ID is listed, or starts with a listed prefix (`.../ns/prod/*`).
-    Allow {
-        ids: Vec<String>,
-        prefixes: Vec<String>,
-    },
-}
-
-impl Authorization {
-    pub fn permits(&self, peer: Option<&SpiffeId>) -> bool {
-        match self {
-            Authorization::AllUnauthenticated => true,
-            Authorization::AllAuthenticated => peer.is_some(),
-            Authorization::Deny => false,
-            Authorization::Allow { ids, prefixes } => peer.is_some_and(|id| {
-                let id = id.as_str();
-                ids.iter().any(|allowed| allowed == id) || prefixes.iter().any(|p| id.starts_with(p.as_str()))
-            }),
-        }
-    }
-
-    /// `all-unauthenticated`, `all-authenticated` or `deny` (the `allow` form comes from YAML).
-    pub fn parse_name(s: &str) -> Result<Self, String> {
-        match s {
-            "all-unauthenticated" => Ok(Authorization::AllUnauthenticated),
-            "all-authenticated" => Ok(Authorization::AllAuthenticated),
-            "deny" => Ok(Authorization::Deny),
-            other => Err(format!(
-                "unknown authorization {other:?}: use all-unauthenticated, all-authenticated, deny or {{ allow: [...] }}"
-            )),
-        }
-    }
-
-    fn from_allow_list(list: Vec<String>) -> Result<Self, String> {
-        let (mut ids, mut prefixes) = (Vec::new(), Vec::new());
-        for entry in list {
-            match entry.strip_suffix('*') {
-                Some(prefix) if prefix.ends_with('/') => prefixes.push(prefix.to_string()),
-                Some(_) => return Err(format!("{entry:?}: a wildcard must follow a '/'")),
-                None => ids.push(SpiffeId::parse(&entry).map_err(|e| e.to_string())?.as_str().to_string()),
-            }
-        }
-        Ok(Authorization::Allow { ids, prefixes })
-    }
-
-    pub fn from_proto(policy: &pillion_control::proto::Authorization) -> Option<Self> {
-        use pillion_control::proto::authorization::Policy;
-        Some(match policy.policy.as_ref()? {
-            Policy::AllUnauthenticated(_) => Authorization::AllUnauthenticated,
-            Policy::AllAuthenticated(_) => Authorization::AllAuthenticated,
-            Policy::Deny(_) => Authorization::Deny,
-            Policy::Allow(allow) => Authorization::Allow {
-                ids: allow.identities.clone(),
-                prefixes: allow.prefixes.clone(),
-            },
-        })
-    }
-}
-
-impl fmt::Display for Authorization {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Authorization::AllUnauthenticated => f.write_str("all-unauthenticated"),
-            Authorization::AllAuthenticated => f.write_str("all-authenticated"),
-            Authorization::Deny => f.write_str("deny"),
-            Authorization::Allow { .. } => f.write_str("allow-list"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Authorization {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            Name(String),
-            Allow { allow: Vec<String> },
-        }
-        match Form::deserialize(d)? {
-            Form::Name(name) => Authorization::parse_name(&name),
-            Form::Allow { allow } => Authorization::from_allow_list(allow),
-        }
-        .map_err(serde::de::Error::custom)
+impl PortPolicy {
+    pub fn app(&self) -> SocketAddr {
+        self.app
     }
 }
 
@@ -153,10 +97,10 @@ mod tests {
         assert!(!Authorization::AllAuthenticated.permits(None));
         assert!(Authorization::AllAuthenticated.permits(Some(&web)));
         assert!(!Authorization::Deny.permits(Some(&web)));
-        let allow = Authorization::from_allow_list(vec!["spiffe://cluster.local/ns/prod/*".into()]).unwrap();
+        let allow = Authorization::allow(vec!["spiffe://cluster.local/ns/prod/*".into()]).unwrap();
         assert!(allow.permits(Some(&web)) && !allow.permits(Some(&dev)) && !allow.permits(None));
-        let exact = Authorization::from_allow_list(vec![dev.as_str().into()]).unwrap();
+        let exact = Authorization::allow(vec![dev.as_str().into()]).unwrap();
         assert!(exact.permits(Some(&dev)) && !exact.permits(Some(&web)));
-        assert!(Authorization::from_allow_list(vec!["spiffe://x/ns*".into()]).is_err());
+        assert!(Authorization::allow(vec!["spiffe://x/ns*".into()]).is_err());
     }
 }

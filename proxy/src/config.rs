@@ -268,7 +268,7 @@ struct Args {
     trust_anchors_file: Option<PathBuf>,
 
     /// Authorization for inbound ports that no policy names: all-unauthenticated, all-authenticated or deny.
-    #[arg(long, env = "PILLION_INBOUND_DEFAULT_AUTHORIZATION", default_value = "all-unauthenticated", value_name = "POLICY", value_parser = Authorization::parse_name)]
+    #[arg(long, env = "PILLION_INBOUND_DEFAULT_AUTHORIZATION", default_value = "all-unauthenticated", value_name = "POLICY", value_parser = str::parse::<Authorization>)]
     inbound_default_authorization: Authorization,
 
     /// Log one line per HTTP request (target `pillion::access`; JSON lines with --log-format json).

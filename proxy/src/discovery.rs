@@ -1,15 +1,22 @@
-//! Discovery: which destinations are meshed, with which identity, and the control plane's
-//! inbound authorization, from `Discovery.Watch` streams kept open per destination.
+//! Discovery: what the control plane says about a destination (by name or by `ip:port`): whether
+//! it is known, its routes compiled into the same matcher as the route file's, its endpoints with
+//! their identities, and (for this workload's own ports) inbound authorization. One
+//! `Discovery.Watch` stream per destination, kept open while anyone uses it.
 //!
-//! The first lookup of a destination opens its stream and waits briefly for the first answer;
-//! every lookup in that first window waits for the same deadline, later lookups read the latest
-//! state without waiting. When the control plane is unreachable the last known state stays in
-//! force (and streams reconnect with backoff), so traffic keeps flowing on what was already known.
+//! Requests never touch a process-wide lock. A connection takes a [`Handle`] to its destination
+//! once (that is the only time the shared map is locked) and every request reads the handle's
+//! current answer, a `watch` receiver: an update applies to the next request on every open
+//! connection.
+//!
+//! The first handle to a destination opens its stream; lookups in the first `first_answer_wait`
+//! wait for the first answer, later ones read whatever is known without waiting. When the control
+//! plane is unreachable the last known answer stays in force (streams reconnect with backoff).
 //!
 //! Streams are bounded: each costs a stream on the control plane, and the app chooses how many
-//! distinct `ip:port`s it dials (a port scan would otherwise open one per port, forever). A
-//! destination nobody has looked at for `idle_timeout` is dropped and its stream closed; at
-//! `max_destinations`, the least recently used one makes room for a new one.
+//! distinct destinations it dials (a port scan would otherwise open one per port, forever). A
+//! destination no connection holds and nobody asked for in `idle_timeout` is dropped; at
+//! `max_destinations`, the least recently used one makes room (unused ones first). A connection
+//! whose destination was made room for takes a fresh handle on its next request.
 
 use std::{
     collections::HashMap,
@@ -18,19 +25,67 @@ use std::{
     time::Duration,
 };
 
-use pillion_control::proto::{WatchRequest, discovery_client::DiscoveryClient};
+use pillion_api::{
+    policy::{
+        convert::{authorization_from_proto, destination_from_update},
+        model::{Authority, ProtocolHint},
+    },
+    proto::{DestinationUpdate, WatchRequest, discovery_client::DiscoveryClient},
+};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 use tonic::transport::Channel;
 
-use crate::{authz::Authorization, tls::spiffe::SpiffeId};
+use crate::{authz::Authorization, http::metrics::HttpMetrics, policy, tls::spiffe::SpiffeId};
 
-/// What the control plane says about one `ip:port`.
-#[derive(Clone, Debug, Default)]
+/// What the control plane says about one destination, compiled for use per request.
+#[derive(Default)]
 pub struct Target {
+    /// Routes and retry budget, when the control plane's policy names the destination.
+    pub routes: Option<Arc<policy::Destination>>,
+    /// Endpoints in rotation (weight above 0).
+    pub endpoints: Vec<Endpoint>,
+    /// For this workload's own port: who may connect (`None`: the proxy's own default applies).
+    pub authorization: Option<Authorization>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub address: SocketAddr,
     /// The identity its certificate must carry; `None` = not meshed, plaintext.
     pub identity: Option<SpiffeId>,
-    pub authorization: Option<Authorization>,
+    pub weight: u32,
+    pub protocol: ProtocolHint,
+}
+
+impl Target {
+    /// The endpoint at `address`, if it is one of this destination's.
+    pub fn endpoint(&self, address: SocketAddr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.address == address)
+    }
+
+    /// The identity expected at `address` (the connection's own target, usually).
+    pub fn identity(&self, address: SocketAddr) -> Option<&SpiffeId> {
+        self.endpoint(address)?.identity.as_ref()
+    }
+
+    /// An endpoint chosen at random in proportion to its weight.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let total: u64 = self.endpoints.iter().map(|e| u64::from(e.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut pick = fastrand::u64(0..total);
+        self.endpoints.iter().find(|e| {
+            let w = u64::from(e.weight);
+            if pick < w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        })
+    }
 }
 
 /// How long to wait for answers and how many destinations to follow.
@@ -38,17 +93,21 @@ pub struct Target {
 pub struct DiscoverySettings {
     pub first_answer_wait: Duration,
     pub max_destinations: usize,
-    /// A destination not looked up for this long is dropped (its stream closed).
+    /// A destination nobody holds and nobody looked up for this long is dropped (stream closed).
     pub idle_timeout: Duration,
 }
 
-type Answer = Option<Arc<Target>>;
+/// `None` until the control plane has answered.
+pub type Answer = Option<Arc<Target>>;
 
 pub struct Discovery {
     /// `None` only in tests, where answers are set by hand.
     client: Option<DiscoveryClient<Channel>>,
-    watches: Mutex<HashMap<SocketAddr, Watch>>,
+    /// Locked only to take a handle, never per request.
+    watches: Mutex<HashMap<Authority, Watch>>,
     settings: DiscoverySettings,
+    /// Route metrics for the routes the control plane sends.
+    metrics: Arc<HttpMetrics>,
     /// Destinations currently followed (`pillion_discovery_destinations`).
     destinations: Gauge,
 }
@@ -71,6 +130,44 @@ impl Drop for Watch {
     }
 }
 
+/// A connection's view of one destination: reading it costs no shared lock.
+#[derive(Clone)]
+pub struct Handle {
+    rx: watch::Receiver<Answer>,
+    first_wait_until: Instant,
+}
+
+impl Handle {
+    /// The latest answer, without waiting.
+    pub fn latest(&self) -> Answer {
+        self.rx.borrow().clone()
+    }
+
+    /// The answer, when one is due without waiting: `None` while the first answer is still
+    /// awaited inside its window.
+    pub fn settled(&self) -> Option<Answer> {
+        let answer = self.latest();
+        if answer.is_none() && Instant::now() < self.first_wait_until {
+            return None;
+        }
+        Some(answer)
+    }
+
+    /// The answer, waiting for the first one until the end of its window.
+    pub async fn resolve(&mut self) -> Answer {
+        if self.rx.borrow().is_none() && Instant::now() < self.first_wait_until {
+            let _ = tokio::time::timeout_at(self.first_wait_until, self.rx.wait_for(Option::is_some)).await;
+        }
+        self.latest()
+    }
+
+    /// Whether discovery stopped following this destination (made room for another): the
+    /// holder should take a fresh handle rather than keep a frozen answer.
+    pub fn is_dropped(&self) -> bool {
+        self.rx.has_changed().is_err()
+    }
+}
+
 impl DiscoverySettings {
     pub fn from_config(config: &crate::config::Config) -> Self {
         DiscoverySettings {
@@ -83,76 +180,59 @@ impl DiscoverySettings {
 
 impl Discovery {
     /// Follows destinations over `channel`; a background task drops the unused ones.
-    pub fn new(channel: Channel, settings: DiscoverySettings, destinations: Gauge) -> Arc<Self> {
+    pub fn new(
+        channel: Channel,
+        settings: DiscoverySettings,
+        metrics: Arc<HttpMetrics>,
+        destinations: Gauge,
+    ) -> Arc<Self> {
         let discovery = Arc::new(Discovery {
             client: Some(DiscoveryClient::new(channel)),
             watches: Mutex::default(),
             settings,
+            metrics,
             destinations,
         });
         tokio::spawn(evict_unused(Arc::downgrade(&discovery)));
         discovery
     }
 
-    /// The latest state for `addr`, waiting for the first answer at most `first_answer_wait`.
-    pub async fn lookup(&self, addr: SocketAddr) -> Answer {
-        let (mut rx, wait_until) = {
-            let mut watches = self.watches.lock().ok()?;
-            let now = Instant::now();
-            if !watches.contains_key(&addr) {
-                self.make_room(&mut watches, now);
-                watches.insert(addr, self.start(addr, now));
-                self.destinations.set(watches.len() as i64);
-            }
-            let watch = watches.get_mut(&addr)?;
-            watch.last_used = now;
-            (watch.tx.subscribe(), watch.first_wait_until)
-        };
-        if rx.borrow().is_none() && Instant::now() < wait_until {
-            let _ = tokio::time::timeout_at(wait_until, rx.wait_for(Option::is_some)).await;
-        }
-        rx.borrow().clone()
-    }
-
-    /// The latest state for `addr` without waiting; `None` until the control plane has answered.
-    /// A destination not followed (dropped while unused, or made room for) is followed again, so
-    /// a caller that only ever asks this way (a long-lived connection's per-request check) gets
-    /// its answer back as soon as the control plane gives it.
-    pub fn latest(&self, addr: SocketAddr) -> Answer {
+    /// A handle to `destination`, following it if nobody does yet. Locks the shared map once.
+    pub fn handle(&self, destination: &Authority) -> Option<Handle> {
         let mut watches = self.watches.lock().ok()?;
         let now = Instant::now();
-        if !watches.contains_key(&addr) {
+        if !watches.contains_key(destination) {
             self.make_room(&mut watches, now);
-            watches.insert(addr, self.start(addr, now));
+            watches.insert(destination.clone(), self.start(destination, now));
             self.destinations.set(watches.len() as i64);
-            return None;
         }
-        let watch = watches.get_mut(&addr)?;
+        let watch = watches.get_mut(destination)?;
         watch.last_used = now;
-        watch.tx.borrow().clone()
+        Some(Handle {
+            rx: watch.tx.subscribe(),
+            first_wait_until: watch.first_wait_until,
+        })
     }
 
-    /// What [`lookup`](Self::lookup) would return, when it would return at once: `None` when a
-    /// lookup is needed (`addr` is not followed, or is still in its first wait for an answer).
-    pub fn settled(&self, addr: SocketAddr) -> Option<Answer> {
-        let mut watches = self.watches.lock().ok()?;
-        let watch = watches.get_mut(&addr)?;
-        let now = Instant::now();
-        watch.last_used = now;
-        let answer = watch.tx.borrow().clone();
-        if answer.is_none() && now < watch.first_wait_until {
-            return None;
-        }
-        Some(answer)
+    /// A handle to the destination `ip:port`.
+    pub fn handle_addr(&self, addr: SocketAddr) -> Option<Handle> {
+        self.handle(&Authority::from(addr))
+    }
+
+    /// The latest answer for `addr`, waiting for the first one at most `first_answer_wait`.
+    /// For one-off decisions (an opaque connection); a connection that asks again per request
+    /// holds a [`Handle`] instead.
+    pub async fn lookup(&self, addr: SocketAddr) -> Answer {
+        self.handle_addr(addr)?.resolve().await
     }
 
     /// Opens the stream for a new destination.
-    fn start(&self, addr: SocketAddr, now: Instant) -> Watch {
+    fn start(&self, destination: &Authority, now: Instant) -> Watch {
         let (tx, _) = watch::channel(None);
-        let follower = self
-            .client
-            .clone()
-            .map(|client| tokio::spawn(follow(client, addr, tx.clone())).abort_handle());
+        let follower = self.client.clone().map(|client| {
+            let metrics = self.metrics.clone();
+            tokio::spawn(follow(client, destination.clone(), tx.clone(), metrics)).abort_handle()
+        });
         Watch {
             tx,
             first_wait_until: now + self.settings.first_answer_wait,
@@ -161,23 +241,28 @@ impl Discovery {
         }
     }
 
-    /// Before adding a destination at the limit: drop the unused ones, else the least recently used.
-    fn make_room(&self, watches: &mut HashMap<SocketAddr, Watch>, now: Instant) {
+    /// Before adding a destination at the limit: drop the unused ones, else the least recently
+    /// used one nobody holds, else the least recently used.
+    fn make_room(&self, watches: &mut HashMap<Authority, Watch>, now: Instant) {
         if watches.len() < self.settings.max_destinations {
             return;
         }
         self.drop_unused(watches, now);
         while watches.len() >= self.settings.max_destinations.max(1) {
-            let Some(oldest) = watches.iter().min_by_key(|(_, w)| w.last_used).map(|(a, _)| *a) else {
-                break;
+            let oldest = watches
+                .iter()
+                .min_by_key(|(_, w)| (w.tx.receiver_count() > 0, w.last_used))
+                .map(|(a, _)| a.clone());
+            match oldest {
+                Some(oldest) => watches.remove(&oldest),
+                None => break,
             };
-            watches.remove(&oldest);
         }
     }
 
-    fn drop_unused(&self, watches: &mut HashMap<SocketAddr, Watch>, now: Instant) {
+    fn drop_unused(&self, watches: &mut HashMap<Authority, Watch>, now: Instant) {
         let idle = self.settings.idle_timeout;
-        watches.retain(|_, w| now.saturating_duration_since(w.last_used) < idle);
+        watches.retain(|_, w| w.tx.receiver_count() > 0 || now.saturating_duration_since(w.last_used) < idle);
         self.destinations.set(watches.len() as i64);
     }
 
@@ -188,16 +273,19 @@ impl Discovery {
             client: None,
             watches: Mutex::default(),
             settings,
+            metrics: Arc::new(HttpMetrics::register(
+                &mut prometheus_client::registry::Registry::default(),
+            )),
             destinations: Gauge::default(),
         })
     }
 
-    /// Sets the answer for `addr` as a control plane would; false if `addr` is not followed.
+    /// Sets the answer for `destination` as a control plane would; false if it is not followed.
     #[cfg(test)]
-    pub fn answer(&self, addr: SocketAddr, target: Target) -> bool {
+    pub fn answer(&self, destination: &Authority, target: Target) -> bool {
         let watches = self.watches.lock().unwrap();
         watches
-            .get(&addr)
+            .get(destination)
             .map(|w| w.tx.send_replace(Some(Arc::new(target))))
             .is_some()
     }
@@ -208,7 +296,7 @@ impl Discovery {
     }
 }
 
-/// Drops destinations nobody looked up for `idle_timeout`, until the discovery itself is gone.
+/// Drops destinations nobody uses, until the discovery itself is gone.
 async fn evict_unused(discovery: Weak<Discovery>) {
     let period = match discovery.upgrade() {
         Some(d) => (d.settings.idle_timeout / 4).max(Duration::from_secs(1)),
@@ -226,12 +314,17 @@ async fn evict_unused(discovery: Weak<Discovery>) {
 }
 
 /// Follows one destination's stream until it is dropped, reconnecting on failure.
-async fn follow(mut client: DiscoveryClient<Channel>, addr: SocketAddr, tx: watch::Sender<Answer>) {
-    let destination = addr.to_string();
+async fn follow(
+    mut client: DiscoveryClient<Channel>,
+    destination: Authority,
+    tx: watch::Sender<Answer>,
+    metrics: Arc<HttpMetrics>,
+) {
+    let name = destination.to_string();
     let mut failures = 0u32;
     loop {
         let stream = client.watch(WatchRequest {
-            destination: destination.clone(),
+            destination: name.clone(),
         });
         match stream.await {
             Ok(stream) => {
@@ -240,29 +333,28 @@ async fn follow(mut client: DiscoveryClient<Channel>, addr: SocketAddr, tx: watc
                     match stream.message().await {
                         Ok(Some(update)) => {
                             failures = 0;
-                            let identity = update
-                                .endpoints
-                                .iter()
-                                .find(|e| e.address.parse::<SocketAddr>().ok() == Some(addr))
-                                .and_then(|e| SpiffeId::parse(&e.identity).ok());
-                            let authorization = update
-                                .inbound_authorization
-                                .as_ref()
-                                .and_then(Authorization::from_proto);
-                            tx.send_replace(Some(Arc::new(Target {
-                                identity,
-                                authorization,
-                            })));
+                            match compile(&update, &metrics) {
+                                Ok(target) => {
+                                    tx.send_replace(Some(Arc::new(target)));
+                                }
+                                // The same rules as a local file: an invalid update is refused
+                                // whole and the last good answer stays in force.
+                                Err(error) => tracing::warn!(
+                                    destination = %name,
+                                    %error,
+                                    "control plane sent an invalid policy; the previous one stays in force"
+                                ),
+                            }
                         }
                         Ok(None) => break,
                         Err(status) => {
-                            tracing::debug!(%destination, %status, "discovery stream failed");
+                            tracing::debug!(destination = %name, %status, "discovery stream failed");
                             break;
                         }
                     }
                 }
             }
-            Err(status) => tracing::debug!(%destination, %status, "discovery watch failed"),
+            Err(status) => tracing::debug!(destination = %name, %status, "discovery watch failed"),
         }
         failures = failures.saturating_add(1);
         let delay = Duration::from_millis(250)
@@ -272,91 +364,35 @@ async fn follow(mut client: DiscoveryClient<Channel>, addr: SocketAddr, tx: watc
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings(max: usize) -> DiscoverySettings {
-        DiscoverySettings {
-            first_answer_wait: Duration::from_millis(100),
-            max_destinations: max,
-            idle_timeout: Duration::from_secs(60),
-        }
-    }
-
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, 1], port))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn only_the_first_window_waits_for_an_answer() {
-        let d = Discovery::for_test(settings(10));
-        let start = Instant::now();
-        assert!(d.lookup(addr(80)).await.is_none());
-        assert_eq!(start.elapsed(), Duration::from_millis(100));
-        // The control plane is still silent: later lookups don't wait again.
-        let again = Instant::now();
-        assert!(d.lookup(addr(80)).await.is_none());
-        assert_eq!(again.elapsed(), Duration::ZERO);
-        assert!(matches!(d.settled(addr(80)), Some(None)));
-        assert!(d.settled(addr(81)).is_none());
-        // In its first window, a new destination is not settled: a lookup would wait.
-        tokio::spawn({
-            let d = d.clone();
-            async move { d.lookup(addr(82)).await }
+/// An update, validated by the policy model's rules and compiled into the request matcher.
+fn compile(update: &DestinationUpdate, metrics: &HttpMetrics) -> Result<Target, String> {
+    let authorization = match &update.inbound_authorization {
+        Some(a) => authorization_from_proto(a)?,
+        None => None,
+    };
+    let Some(destination) = destination_from_update(update)? else {
+        return Ok(Target {
+            authorization,
+            ..Target::default()
         });
-        tokio::task::yield_now().await;
-        assert!(d.settled(addr(82)).is_none());
-        assert!(d.answer(addr(82), Target::default()));
-        assert!(matches!(d.settled(addr(82)), Some(Some(_))));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_port_scan_is_bounded_and_unused_destinations_are_dropped() {
-        let d = Discovery::for_test(settings(8));
-        for port in 1..=100 {
-            d.lookup(addr(port)).await;
-        }
-        assert_eq!(d.followed(), 8);
-        // The most recent ones stayed.
-        assert!(d.settled(addr(100)).is_some() && d.settled(addr(1)).is_none());
-
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(d.settled(addr(99)).is_some(), "used again: kept");
-        tokio::time::advance(Duration::from_secs(31)).await;
-        d.drop_unused(&mut d.watches.lock().unwrap(), Instant::now());
-        assert_eq!(d.followed(), 1);
-        assert!(d.settled(addr(99)).is_some());
-        assert_eq!(d.destinations.get(), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_dropped_destination_asked_for_again_is_followed_again() {
-        let d = Discovery::for_test(settings(2));
-        d.lookup(addr(443)).await;
-        assert!(d.answer(addr(443), Target::default()));
-        assert!(d.latest(addr(443)).is_some());
-        // Later, the app dials two other destinations: 443, now the least recently used, makes
-        // room and is no longer followed. (Without the pause, 443 and 1 were last used at the
-        // same paused instant and which one made room depended on the map's order.)
-        tokio::time::advance(Duration::from_millis(1)).await;
-        d.lookup(addr(1)).await;
-        d.lookup(addr(2)).await;
-        assert!(d.settled(addr(443)).is_none());
-        // A per-request check finds nothing yet (fail closed), but follows it again.
-        assert!(d.latest(addr(443)).is_none());
-        assert!(d.answer(addr(443), Target::default()), "followed again");
-        assert!(d.latest(addr(443)).is_some());
-        assert_eq!(d.followed(), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_background_task_drops_unused_destinations() {
-        let d = Discovery::for_test(settings(8));
-        tokio::spawn(evict_unused(Arc::downgrade(&d)));
-        d.lookup(addr(1)).await;
-        assert_eq!(d.followed(), 1);
-        tokio::time::sleep(Duration::from_secs(80)).await;
-        assert_eq!(d.followed(), 0);
-    }
+    };
+    let endpoints = destination
+        .endpoints
+        .iter()
+        .filter(|e| e.weight > 0)
+        .map(|e| Endpoint {
+            address: e.address,
+            identity: e.identity.clone(),
+            weight: e.weight,
+            protocol: e.protocol,
+        })
+        .collect();
+    Ok(Target {
+        routes: Some(Arc::new(policy::Destination::compile(destination, metrics)?)),
+        endpoints,
+        authorization,
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,8 @@
-//! Discovery and policy state: the YAML model ([`model`]), loading it with line-numbered errors
-//! ([`file`]), reloading it on change ([`watch`]) and turning it into per-destination protobuf
-//! updates ([`convert`]).
+//! The policy the control plane serves: the shared model, validation and protocol mapping come
+//! from `pillion-api` (the proxy reads its route file with the same code); reloading the file on
+//! change ([`watch`]) is the control plane's own.
 
-pub mod convert;
-pub mod file;
-pub mod model;
 pub mod watch;
 
-pub use file::{PolicyError, load, parse};
-pub use model::{Policy, PolicyFile};
+pub use pillion_api::policy::{Policy, PolicyError, PolicyFile, convert, load, model, parse};
 pub use watch::PolicyWatch;

@@ -14,10 +14,7 @@ use std::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    file::{self, PolicyError},
-    model::Policy,
-};
+use super::{PolicyError, load, model::Policy};
 
 /// The current policy, shared with the discovery service.
 #[derive(Clone)]
@@ -45,7 +42,7 @@ impl PolicyWatch {
     /// `shutdown` is cancelled.
     pub fn load_and_watch(path: PathBuf, interval: Duration, shutdown: CancellationToken) -> Result<Self, PolicyError> {
         let stamp = stamp(&path);
-        let policy = file::load(&path)?;
+        let policy = load(&path)?;
         let (tx, rx) = watch::channel(Arc::new(policy));
         tokio::spawn(poll(path, interval, stamp, tx, shutdown));
         Ok(PolicyWatch { rx })
@@ -83,7 +80,7 @@ async fn poll(
             tracing::warn!(path = %path.display(), "policy file is gone; keeping the current policy");
             continue;
         }
-        match file::load(&path) {
+        match load(&path) {
             Ok(policy) => {
                 let changed = tx.send_if_modified(|current| {
                     if **current == policy {

@@ -82,7 +82,7 @@ impl ServerIdentity {
                 Ok(issued) => {
                     delay = issued.renew_after;
                     tracing::info!(
-                        spiffe_id = %self.spiffe_id.0,
+                        spiffe_id = %self.spiffe_id.as_str(),
                         valid_until = issued.not_after.unix_timestamp(),
                         "control-plane certificate renewed"
                     );
@@ -111,7 +111,7 @@ impl ResolvesServerCert for ServerIdentity {
 impl fmt::Debug for ServerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerIdentity")
-            .field("spiffe_id", &self.spiffe_id.0)
+            .field("spiffe_id", &self.spiffe_id.as_str())
             .field("not_after", &self.not_after())
             .finish_non_exhaustive()
     }
@@ -121,7 +121,7 @@ impl fmt::Debug for ServerIdentity {
 fn issue(ca: &CertificateAuthority, spiffe_id: &SpiffeId) -> Result<Issued, IdentityError> {
     let key = KeyPair::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
     let svid = ca
-        .issue(spiffe_id.0.clone(), &key)
+        .issue(spiffe_id.as_str().to_string(), &key)
         .map_err(|e| IdentityError::Issue(e.to_string()))?;
     let now = OffsetDateTime::now_utc();
     let lifetime = Duration::try_from(svid.not_after - now).unwrap_or_default();

@@ -253,12 +253,13 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>, trust_domain: &TrustDomain) -> Re
         ));
     };
     let id = SpiffeId::try_from(uri.to_string())?;
-    let in_domain =
-        id.0.strip_prefix("spiffe://")
-            .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(td, _)| td == trust_domain.as_str());
+    let in_domain = id
+        .as_str()
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(td, _)| td == trust_domain.as_str());
     if !in_domain {
-        return Err(format!("{} is not in trust domain {trust_domain}", id.0));
+        return Err(format!("{} is not in trust domain {trust_domain}", id));
     }
     Ok(id)
 }
@@ -279,7 +280,7 @@ mod tests {
     fn exactly_one_spiffe_uri_in_our_trust_domain() {
         let td: TrustDomain = "cluster.local".parse().unwrap();
         let web = "spiffe://cluster.local/ns/default/sa/web";
-        assert_eq!(spiffe_id_of(&cert(&[web]), &td).unwrap().0, web);
+        assert_eq!(spiffe_id_of(&cert(&[web]), &td).unwrap().as_str(), web);
         let two = spiffe_id_of(&cert(&[web, "spiffe://cluster.local/ns/default/sa/db"]), &td);
         assert!(two.unwrap_err().contains("2 URI SANs"));
         assert!(spiffe_id_of(&cert(&[]), &td).unwrap_err().contains("0 URI SANs"));

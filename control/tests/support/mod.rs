@@ -196,10 +196,10 @@ impl ServerCertVerifier for ExpectIdentity {
         )?;
         let td: TrustDomain = "cluster.local".parse().unwrap();
         let id = spiffe_id_of(end_entity, &td).map_err(rustls::Error::General)?;
-        if id.0 != self.expected {
+        if id.as_str() != self.expected {
             return Err(rustls::Error::General(format!(
                 "server is {}, expected {}",
-                id.0, self.expected
+                id, self.expected
             )));
         }
         Ok(ServerCertVerified::assertion())

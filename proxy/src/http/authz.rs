@@ -14,6 +14,11 @@ use http::StatusCode;
 use prometheus_client::metrics::counter::Counter;
 use tower::{Layer, Service};
 
+use crate::{
+    authz::{Authorizer, PortPolicy},
+    tls::spiffe::SpiffeId,
+};
+
 use super::{
     ProxyRequest, ProxyResponse,
     errors::{is_grpc, synthetic_response},
@@ -21,10 +26,22 @@ use super::{
 
 /// What an inbound connection is checked against; `None` (outbound) allows everything.
 pub struct ConnectionAuthz {
-    pub authorizer: Arc<crate::authz::Authorizer>,
-    pub app: SocketAddr,
-    pub client: Option<crate::tls::spiffe::SpiffeId>,
-    pub denied: Counter,
+    authorizer: Arc<Authorizer>,
+    /// The port's policy, held for the connection: a request's check takes no shared lock.
+    port: PortPolicy,
+    client: Option<SpiffeId>,
+    denied: Counter,
+}
+
+impl ConnectionAuthz {
+    pub fn new(authorizer: Arc<Authorizer>, app: SocketAddr, client: Option<SpiffeId>, denied: Counter) -> Self {
+        ConnectionAuthz {
+            port: authorizer.port(app),
+            authorizer,
+            client,
+            denied,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -66,13 +83,13 @@ where
         let allowed = self
             .check
             .as_ref()
-            .is_none_or(|c| c.authorizer.decide(c.app, c.client.as_ref()));
+            .is_none_or(|c| c.authorizer.decide(&c.port, c.client.as_ref()));
         if allowed {
             return AuthzFuture::Allowed(self.inner.call(req));
         }
         if let Some(check) = &self.check {
             check.denied.inc();
-            tracing::debug!(port = check.app.port(), client = ?check.client, "request denied by authorization policy");
+            tracing::debug!(port = check.port.app().port(), client = ?check.client, "request denied by authorization policy");
         }
         let denied = synthetic_response(StatusCode::FORBIDDEN, "denied by authorization policy", is_grpc(&req));
         AuthzFuture::Denied(Some(denied))

@@ -179,10 +179,7 @@ impl RouteMetrics {
     /// Counts a gRPC response by its `grpc-status` (`None` = the stream ended without one).
     pub fn record_grpc(&self, status: Option<u8>) {
         let grpc_status = match status {
-            Some(code) => crate::policy::file::GRPC_STATUS_NAMES
-                .get(usize::from(code))
-                .copied()
-                .unwrap_or("UNKNOWN"),
+            Some(code) => pillion_api::policy::model::RetryCode::grpc_name(u32::from(code)).unwrap_or("UNKNOWN"),
             None => "NONE",
         };
         let labels = GrpcLabels {

@@ -84,8 +84,19 @@ impl HttpProxy {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let io = CountedIo::new(io, self.tcp.read_bytes.clone(), self.tcp.write_bytes.clone());
+        // Outbound, the control plane's policy governs too; the connection holds its handles.
+        let discovery = match self.direction {
+            Direction::Outbound => self.pool.discovery().cloned(),
+            Direction::Inbound => None,
+        }
+        .map(|discovery| Arc::new(route::ConnDiscovery::new(discovery)));
         let stack = ServiceBuilder::new()
-            .layer(route::RouteLayer::new(self.policy.clone(), self.direction, dst))
+            .layer(route::RouteLayer::new(
+                self.policy.clone(),
+                self.direction,
+                dst,
+                discovery,
+            ))
             .layer(metrics::MetricsLayer {
                 access_log: self.settings.access_log,
             })

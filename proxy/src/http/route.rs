@@ -1,32 +1,148 @@
-//! Routing: picks the request's route from the current policy and attaches it, with the
-//! destination's retry budget and the chosen backend, for the layers below to read.
+//! Routing: picks the request's destination, route, backend and security decision, and attaches
+//! them for the layers below to read.
+//!
+//! Which destination's routes govern a request (the name the app used beats the address it
+//! dialled; for each, the control plane beats the local file):
+//!
+//! ```text
+//! 1. the control plane's answer for the request's authority (Host / :authority, normalised)
+//! 2. the route file's destination for that authority
+//! 3. the control plane's answer for the connection's original destination ip:port
+//! 4. the route file's destination for that ip:port
+//! 5. the default route
+//! ```
+//!
+//! Where the request goes: a `backendRef` of the route, else, for a destination the control
+//! plane lists endpoints for, the original destination when it is one of them (the app's choice
+//! stands) or else one of them by weight; else the original destination. The security decision
+//! (mesh TLS to which identity) comes from the same answer, so a request sent by name to a
+//! meshed destination is mTLS, and an answer's change applies to the very next request.
+//!
+//! A connection holds its discovery handles ([`ConnDiscovery`]); a request reads them without a
+//! shared lock and waits only when a destination is asked for the first time.
 
 use std::{
+    future::Future,
     net::SocketAddr,
-    sync::Arc,
+    pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
 use http::header;
+use pillion_api::policy::model::Authority;
 use tower::{Layer, Service, retry::budget::TpsBudget};
 
 use super::ProxyRequest;
 use crate::{
+    discovery::{Answer, Discovery, Handle, Target},
+    mesh::Security,
     metrics::Direction,
-    policy::{Route, reload::SharedPolicy},
+    policy::{Destination, Route, reload::SharedPolicy},
 };
+
+/// An authority without a port means port 80: the mesh carries plaintext HTTP.
+const DEFAULT_PORT: u16 = 80;
 
 /// What routing decided for one request.
 #[derive(Clone)]
 pub struct RouteCtx {
     pub route: Arc<Route>,
     pub budget: Arc<TpsBudget>,
-    /// The address the request goes to: a `backendRef`, or the original destination.
+    /// The address the request goes to: a `backendRef`, an endpoint, or the original destination.
     pub target: SocketAddr,
+    /// Mesh TLS or plaintext to `target`, when discovery's answer decided it; `None`: the
+    /// upstream asks discovery by address (a `backendRef` discovery said nothing about here).
+    pub security: Option<Security>,
     pub direction: Direction,
     pub retry_buffer_bytes: usize,
     /// The request is gRPC (`content-type: application/grpc…`): errors become grpc-status.
     pub grpc: bool,
+}
+
+/// One connection's handles into discovery: its original destination's, and the last
+/// authority its requests named (a connection nearly always names one).
+pub struct ConnDiscovery {
+    discovery: Arc<Discovery>,
+    dst: Mutex<Option<Handle>>,
+    named: Mutex<Option<(Authority, Handle)>>,
+}
+
+/// The answers a request is routed by: for the name it used (if a name) and for the address.
+struct Answers {
+    named: Option<Answer>,
+    dst: Answer,
+}
+
+/// Handles still waiting for a first answer.
+struct Pending {
+    named: Option<Handle>,
+    dst: Option<Handle>,
+}
+
+impl ConnDiscovery {
+    pub fn new(discovery: Arc<Discovery>) -> Self {
+        ConnDiscovery {
+            discovery,
+            dst: Mutex::default(),
+            named: Mutex::default(),
+        }
+    }
+
+    /// The settled answers for `name` and `dst`, or the handles to wait on.
+    fn answers(&self, name: Option<&Authority>, dst: SocketAddr) -> Result<Answers, Pending> {
+        let dst_handle = self.held(&self.dst, || self.discovery.handle_addr(dst));
+        let named_handle = name.and_then(|name| {
+            let mut held = self.named.lock().ok()?;
+            match &*held {
+                Some((held_name, handle)) if held_name == name && !handle.is_dropped() => Some(handle.clone()),
+                _ => {
+                    let handle = self.discovery.handle(name)?;
+                    *held = Some((name.clone(), handle.clone()));
+                    Some(handle)
+                }
+            }
+        });
+        let dst_answer = dst_handle.as_ref().map_or(Some(None), Handle::settled);
+        let named_answer = named_handle.as_ref().map(Handle::settled);
+        match (named_answer, dst_answer) {
+            (None, Some(dst)) => Ok(Answers { named: None, dst }),
+            (Some(Some(named)), Some(dst)) => Ok(Answers {
+                named: Some(named),
+                dst,
+            }),
+            _ => Err(Pending {
+                named: named_handle,
+                dst: dst_handle,
+            }),
+        }
+    }
+
+    /// The connection's handle in `slot`, taken (again, if discovery dropped it) when needed.
+    fn held(&self, slot: &Mutex<Option<Handle>>, take: impl FnOnce() -> Option<Handle>) -> Option<Handle> {
+        let mut held = slot.lock().ok()?;
+        match &*held {
+            Some(handle) if !handle.is_dropped() => Some(handle.clone()),
+            _ => {
+                *held = take();
+                held.clone()
+            }
+        }
+    }
+}
+
+impl Pending {
+    async fn resolve(mut self) -> Answers {
+        let dst = match &mut self.dst {
+            Some(handle) => handle.resolve().await,
+            None => None,
+        };
+        let named = match &mut self.named {
+            Some(handle) => Some(handle.resolve().await),
+            None => None,
+        };
+        Answers { named, dst }
+    }
 }
 
 #[derive(Clone)]
@@ -35,6 +151,8 @@ pub struct RouteLayer {
     direction: Direction,
     /// The connection's original destination.
     dst: SocketAddr,
+    /// Outbound with a control plane: the connection's handles.
+    discovery: Option<Arc<ConnDiscovery>>,
 }
 
 #[derive(Clone)]
@@ -44,9 +162,92 @@ pub struct Routing<S> {
 }
 
 impl RouteLayer {
-    pub fn new(policy: SharedPolicy, direction: Direction, dst: SocketAddr) -> Self {
-        RouteLayer { policy, direction, dst }
+    pub fn new(
+        policy: SharedPolicy,
+        direction: Direction,
+        dst: SocketAddr,
+        discovery: Option<Arc<ConnDiscovery>>,
+    ) -> Self {
+        RouteLayer {
+            policy,
+            direction,
+            dst,
+            discovery,
+        }
     }
+
+    /// Routes `req` by the file and the control plane's `answers`.
+    fn route(&self, req: &mut ProxyRequest, answers: Option<&Answers>) {
+        let policy = self.policy.load();
+        let authority = authority(req);
+        let named = answers.and_then(|a| a.named.as_ref()).and_then(known);
+        let dst_known = answers.and_then(|a| known(&a.dst));
+        // 1-5 of the module's precedence.
+        let (destination, source): (&Arc<Destination>, Option<&Target>) = match (named, authority) {
+            (Some((routes, target)), _) => (routes, Some(target)),
+            (None, authority) => match authority.and_then(|a| policy.destination_by_authority(a)) {
+                Some(routes) => (routes, None),
+                None => match dst_known {
+                    Some((routes, target)) => (routes, Some(target)),
+                    None => (policy.destination_by_addr(self.dst), None),
+                },
+            },
+        };
+        let route = destination.route(req).clone();
+        let dst_answer = answers.and_then(|a| a.dst.as_deref());
+        let (target, security) = self.target(&route, source, dst_answer);
+        let ctx = RouteCtx {
+            target,
+            security,
+            budget: destination.budget.clone(),
+            route,
+            direction: self.direction,
+            retry_buffer_bytes: policy.retry_buffer_bytes,
+            grpc: super::errors::is_grpc(req),
+        };
+        req.extensions_mut().insert(ctx);
+    }
+
+    /// Where the request goes, and under which security decision when discovery decided it.
+    fn target(
+        &self,
+        route: &Route,
+        source: Option<&Target>,
+        dst_answer: Option<&Target>,
+    ) -> (SocketAddr, Option<Security>) {
+        let with_discovery = self.discovery.is_some();
+        // The security decision for `addr` from what the control plane said about it.
+        let decided = |addr: SocketAddr| -> Option<Security> {
+            let listed = source
+                .and_then(|t| t.endpoint(addr))
+                .or_else(|| dst_answer.filter(|_| addr == self.dst).and_then(|t| t.endpoint(addr)));
+            match listed {
+                Some(endpoint) => Some(Security::from_identity(endpoint.identity.clone())),
+                // The original destination, answered or not: what discovery said of it stands.
+                None if with_discovery && addr == self.dst => Some(Security::Plain),
+                None => None,
+            }
+        };
+        if let Some(backend) = route.backend() {
+            return (backend, decided(backend));
+        }
+        if let Some(target) = source.filter(|t| !t.endpoints.is_empty()) {
+            let endpoint = target.endpoint(self.dst).or_else(|| target.pick());
+            if let Some(endpoint) = endpoint {
+                return (
+                    endpoint.address,
+                    Some(Security::from_identity(endpoint.identity.clone())),
+                );
+            }
+        }
+        (self.dst, decided(self.dst))
+    }
+}
+
+/// The control plane's routes and answer, when it knows the destination.
+fn known(answer: &Answer) -> Option<(&Arc<Destination>, &Target)> {
+    let target = answer.as_deref()?;
+    Some((target.routes.as_ref()?, target))
 }
 
 impl<S> Layer<S> for RouteLayer {
@@ -60,31 +261,64 @@ impl<S> Layer<S> for RouteLayer {
     }
 }
 
-impl<S: Service<ProxyRequest>> Service<ProxyRequest> for Routing<S> {
+impl<S> Service<ProxyRequest> for Routing<S>
+where
+    S: Service<ProxyRequest> + Clone + Send + 'static,
+    S::Future: Send + Unpin + 'static,
+{
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = RoutingFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: ProxyRequest) -> S::Future {
-        let policy = self.layer.policy.load();
-        // The Host lookup is only worth doing when some destination is named by host.
-        let authority = if policy.routes_by_host() { authority(&req) } else { None };
-        let destination = policy.destination(authority, self.layer.dst);
-        let route = destination.route(&req).clone();
-        let ctx = RouteCtx {
-            target: route.backend(self.layer.dst),
-            budget: destination.budget.clone(),
-            route,
-            direction: self.layer.direction,
-            retry_buffer_bytes: policy.retry_buffer_bytes,
-            grpc: super::errors::is_grpc(&req),
+    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
+        let Some(conn) = self.layer.discovery.clone() else {
+            // No control plane (or inbound): the route file alone.
+            self.layer.route(&mut req, None);
+            return RoutingFuture::Ready(self.inner.call(req));
         };
-        req.extensions_mut().insert(ctx);
-        self.inner.call(req)
+        let name = authority(&req)
+            .and_then(|a| Authority::from_request(a, DEFAULT_PORT))
+            // An IP literal in Host names no more than the address the app dialled.
+            .filter(|a| a.socket_addr().is_none());
+        match conn.answers(name.as_ref(), self.layer.dst) {
+            Ok(answers) => {
+                self.layer.route(&mut req, Some(&answers));
+                RoutingFuture::Ready(self.inner.call(req))
+            }
+            // A destination's first request waits (briefly) for the control plane's first answer.
+            Err(pending) => {
+                let layer = self.layer.clone();
+                // The readied service goes to the waiting request; this one readies a clone.
+                let inner = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, inner);
+                RoutingFuture::Resolving(Box::pin(async move {
+                    let answers = pending.resolve().await;
+                    layer.route(&mut req, Some(&answers));
+                    inner.call(req).await
+                }))
+            }
+        }
+    }
+}
+
+/// The inner service's future, or (a destination's first request) waiting for discovery first.
+pub enum RoutingFuture<F: Future> {
+    Ready(F),
+    Resolving(Pin<Box<dyn Future<Output = F::Output> + Send>>),
+}
+
+impl<F: Future + Unpin> Future for RoutingFuture<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            RoutingFuture::Ready(inner) => Pin::new(inner).poll(cx),
+            RoutingFuture::Resolving(resolving) => resolving.as_mut().poll(cx),
+        }
     }
 }
 

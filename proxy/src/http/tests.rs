@@ -29,7 +29,7 @@ use super::{HttpProxy, HttpSettings, upstream::Pool, upstream::Version};
 use crate::{
     drain::Drain,
     metrics::{Direction, Metrics},
-    policy::{Policy, file::RouteFile},
+    policy::{self, Policy},
     transport::ConnectSettings,
 };
 
@@ -92,7 +92,7 @@ fn proxy_with_idle_timeout(
     idle_timeout: Duration,
 ) -> (DuplexStream, Proxy) {
     let metrics = Arc::new(Metrics::new());
-    let policy = Policy::compile(RouteFile::parse(routes).unwrap(), &metrics.http).unwrap();
+    let policy = Policy::compile(policy::parse(routes, "routes.yaml").unwrap(), &metrics.http).unwrap();
     let http = HttpProxy {
         direction: Direction::Outbound,
         policy: Arc::new(ArcSwap::from_pointee(policy)),

@@ -109,24 +109,31 @@ impl Pool {
         }
     }
 
-    /// The security decision in force for `target`, when it is known without waiting.
-    fn settled_key(&self, target: SocketAddr) -> Option<Key> {
-        match &self.mesh {
-            None => Some((target, Security::Plain)),
-            Some(mesh) => Some((target, mesh.settled_security(target)?)),
+    /// The security decision in force for `target`, when it is known without waiting: the one
+    /// routing `decided` from the connection's discovery handles, else discovery's by address.
+    fn settled_key(&self, target: SocketAddr, decided: Option<&Security>) -> Option<Key> {
+        match (&self.mesh, decided) {
+            (None, _) => Some((target, Security::Plain)),
+            (Some(_), Some(decided)) => Some((target, decided.clone())),
+            (Some(mesh), None) => Some((target, mesh.settled_security(target)?)),
         }
     }
 
     /// The security decision in force for `target`; the first request to a destination may wait
     /// briefly for discovery's first answer.
-    async fn key(&self, target: SocketAddr) -> Key {
-        if let Some(key) = self.settled_key(target) {
+    async fn key(&self, target: SocketAddr, decided: Option<&Security>) -> Key {
+        if let Some(key) = self.settled_key(target, decided) {
             return key;
         }
         match &self.mesh {
             None => (target, Security::Plain),
             Some(mesh) => (target, mesh.security_for(target).await),
         }
+    }
+
+    /// Discovery, when this direction has a control plane.
+    pub fn discovery(&self) -> Option<&Arc<crate::discovery::Discovery>> {
+        self.mesh.as_ref()?.discovery.as_ref()
     }
 
     /// Connects to `key`'s target under its decision: plain TCP, or mesh TLS verifying the identity.
@@ -280,8 +287,8 @@ impl Session {
     /// A ready HTTP/1 connection to `target` under the security decision in force, without
     /// waiting: the one this client connection holds, else an idle pooled one. `None` when the
     /// decision is not settled yet or no connection is ready.
-    fn ready_h1(&self, target: SocketAddr) -> Option<(Key, H1)> {
-        let key = self.pool.settled_key(target);
+    fn ready_h1(&self, target: SocketAddr, decided: Option<&Security>) -> Option<(Key, H1)> {
+        let key = self.pool.settled_key(target, decided);
         let held = self.held.lock().ok().and_then(|mut h| h.take());
         if let Some((held_key, tx)) = held {
             if Some(&held_key) == key.as_ref() {
@@ -317,7 +324,11 @@ impl Service<ProxyRequest> for Upstream {
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
-        let Some(target) = req.extensions().get::<RouteCtx>().map(|ctx| ctx.target) else {
+        let Some((target, decided)) = req
+            .extensions()
+            .get::<RouteCtx>()
+            .map(|ctx| (ctx.target, ctx.security.clone()))
+        else {
             let error = ProxyError::Connect(std::io::Error::other("no route target"));
             return Box::pin(std::future::ready(Err(error)));
         };
@@ -326,7 +337,7 @@ impl Service<ProxyRequest> for Upstream {
             // Only requests `admit_upgrade` let through as upgrades carry this.
             if let Some(upgrade) = req.extensions_mut().remove::<PendingUpgrade>() {
                 return Box::pin(async move {
-                    Ok(tunnel(&session.pool, target, req, upgrade)
+                    Ok(tunnel(&session.pool, (target, decided.as_ref()), req, upgrade)
                         .await?
                         .map(ResponseBody::Upstream))
                 });
@@ -335,12 +346,12 @@ impl Service<ProxyRequest> for Upstream {
         match self.version {
             Version::Http1 => {
                 strip_hop_by_hop(req.headers_mut());
-                match session.ready_h1(target) {
+                match session.ready_h1(target, decided.as_ref()) {
                     // The steady state of a keep-alive client: the request is handed to a ready
                     // connection right here, and the future only waits for the answer.
                     Some((key, tx)) => Box::pin(send_h1(session, key, tx, req)),
                     None => Box::pin(async move {
-                        let key = session.pool.key(target).await;
+                        let key = session.pool.key(target, decided.as_ref()).await;
                         let tx = match session.pool.take_idle_h1(&key) {
                             Some(tx) => tx,
                             None => session.pool.connect_h1(&key, false).await?,
@@ -352,7 +363,7 @@ impl Service<ProxyRequest> for Upstream {
             // No stripping here: hyper's HTTP/2 client and server remove connection-specific
             // headers from every request and response they send.
             Version::Http2 => Box::pin(async move {
-                let key = session.pool.key(target).await;
+                let key = session.pool.key(target, decided.as_ref()).await;
                 let mut tx = match session.pool.h2_ready(&key) {
                     Some(tx) => tx,
                     // Boxed: the handshake future is large and rarely needed.
@@ -413,13 +424,13 @@ fn upstream_response(mut rsp: http::Response<hyper::body::Incoming>) -> ProxyRes
 /// (including when this future is dropped, on a timeout).
 async fn tunnel(
     pool: &Pool,
-    target: SocketAddr,
+    (target, decided): (SocketAddr, Option<&Security>),
     mut req: ProxyRequest,
     upgrade: PendingUpgrade,
 ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
     let client_side = hyper::upgrade::on(&mut req);
     let is_connect = req.method() == Method::CONNECT;
-    let key = pool.key(target).await;
+    let key = pool.key(target, decided).await;
     let mut tx = pool.connect_h1(&key, true).await?;
     let mut rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
     let accepted = rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
@@ -838,13 +849,17 @@ mod tests {
             // Now the target is meshed. The same client connection, and a new one, must try mesh
             // TLS (which this plaintext upstream cannot answer) instead of the plaintext connection.
             let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
-            assert!(discovery.answer(
-                dst,
-                Target {
+            let key = pillion_api::policy::model::Authority::from(dst);
+            let meshed = Target {
+                endpoints: vec![crate::discovery::Endpoint {
+                    address: dst,
                     identity: Some(id),
-                    authorization: None
-                }
-            ));
+                    weight: 1,
+                    protocol: pillion_api::policy::model::ProtocolHint::Unknown,
+                }],
+                ..Target::default()
+            };
+            assert!(discovery.answer(&key, meshed));
             assert_ne!(get(&mut a).await, StatusCode::OK);
             let mut b = client(http.clone(), dst).await;
             assert_ne!(get(&mut b).await, StatusCode::OK);
@@ -856,7 +871,7 @@ mod tests {
             assert_eq!(seen.tls_hellos.load(Ordering::SeqCst), 2);
 
             // Meshed no more: plaintext again, on a connection made under that decision.
-            assert!(discovery.answer(dst, Target::default()));
+            assert!(discovery.answer(&key, Target::default()));
             assert_eq!(get(&mut b).await, StatusCode::OK);
             assert_eq!(seen.plain_requests.load(Ordering::SeqCst), 2);
         }

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use pillion_control::proto::{CertifyRequest, identity_client::IdentityClient};
+use pillion_api::proto::{CertifyRequest, identity_client::IdentityClient};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;

@@ -1,12 +1,16 @@
-//! Route policy: the compiled form of the route file, looked up for every HTTP request.
+//! Route policy: the compiled form of the shared policy model (`pillion_api::policy`), looked up
+//! for every HTTP request. The local route file and the control plane's updates are the same
+//! model, validated by the same code, and compiled here into the same matcher.
 //!
 //! Lookups allocate nothing: destinations are found by host and port in hash maps, routes by a
 //! scan of rules pre-sorted by Gateway API precedence (exact path, longest prefix, method, most
 //! header matches, most query matches, then file order), and every route carries its metric
 //! handles, resolved here once rather than per request.
 
-pub mod file;
 pub mod reload;
+
+/// Reading a route file is the shared model's job: the same code reads the control plane's.
+pub use pillion_api::policy::{PolicyError, parse};
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -18,15 +22,11 @@ use crate::{
     authz::Authorization,
     http::metrics::{HttpMetrics, RouteMetrics},
 };
-use file::{
-    DestinationSpec, MatchSpec, PathMatchType, RetryCode, RouteFile, RouteSpec, ValueMatchSpec, ValueMatchType,
+use pillion_api::policy::model::{
+    self, Authority, PathMatch as PathMatchSpec, RetryCode, RouteMatch as MatchSpec, StringMatch,
 };
 
 pub const DEFAULT_RETRY_BUFFER_BYTES: usize = 64 * 1024;
-const DEFAULT_BUDGET_PERCENT: f32 = 20.0;
-const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
-const DEFAULT_BUDGET_TTL: Duration = Duration::from_secs(10);
-const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 /// The route every request falls into when nothing in the file matches it.
 pub const DEFAULT_ROUTE: &str = "default";
 
@@ -89,32 +89,20 @@ enum ValueMatch {
 }
 
 impl Policy {
-    /// Validates and compiles a parsed file. Errors name the place in the file.
-    pub fn compile(file: RouteFile, metrics: &HttpMetrics) -> Result<Self, String> {
+    /// Compiles a validated policy (the model refused duplicates and bad values already).
+    /// Errors name the destination.
+    pub fn compile(policy: model::Policy, metrics: &HttpMetrics) -> Result<Self, String> {
         let mut by_host: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>> = HashMap::new();
         let mut by_addr = HashMap::new();
-        let mut inbound = HashMap::new();
-        for (i, spec) in file.inbound.into_iter().enumerate() {
-            if inbound.insert(spec.port, spec.authorization).is_some() {
-                return Err(format!("inbound[{i}]: port {} is listed twice", spec.port));
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, spec) in file.destinations.into_iter().enumerate() {
-            let key = spec.destination.0.clone();
-            if !seen.insert(key.clone()) {
-                return Err(format!("destinations[{i}]: destination {key:?} is listed twice"));
-            }
-            let dst = Arc::new(Destination::compile(spec, metrics).map_err(|e| format!("destinations[{i}].{e}"))?);
-            match key.parse::<SocketAddr>() {
+        for (key, spec) in policy.destinations {
+            let dst = Arc::new(Destination::compile(spec, metrics).map_err(|e| format!("destination {key}: {e}"))?);
+            match key.as_str().parse::<SocketAddr>() {
                 Ok(addr) => {
                     by_addr.insert(addr, dst);
                 }
                 Err(_) => {
-                    // Validated as host:port while parsing.
-                    let (host, port) = key.rsplit_once(':').unwrap_or((&key, "0"));
-                    let port = port.parse().unwrap_or(0);
-                    by_host.entry(host.into()).or_default().push((port, dst));
+                    let host = host_of(&key);
+                    by_host.entry(host.into()).or_default().push((key.port(), dst));
                 }
             }
         }
@@ -122,10 +110,10 @@ impl Policy {
             by_host,
             by_addr,
             fallback: Arc::new(Destination::fallback(metrics)),
-            retry_buffer_bytes: file
+            retry_buffer_bytes: policy
                 .retry_buffer_bytes
                 .map_or(DEFAULT_RETRY_BUFFER_BYTES, |n| n as usize),
-            inbound,
+            inbound: policy.inbound,
         })
     }
 
@@ -148,9 +136,19 @@ impl Policy {
     /// The destination a request is for: by its authority (Host / `:authority`) if the file names
     /// it, else by the connection's original destination address.
     pub fn destination(&self, authority: Option<&str>, dst: SocketAddr) -> &Arc<Destination> {
-        if let Some(found) = authority.and_then(|a| self.by_authority(a)) {
-            return found;
+        match authority.and_then(|a| self.destination_by_authority(a)) {
+            Some(found) => found,
+            None => self.destination_by_addr(dst),
         }
+    }
+
+    /// The file's destination for a request's authority, if the file names it.
+    pub fn destination_by_authority(&self, authority: &str) -> Option<&Arc<Destination>> {
+        self.by_authority(authority)
+    }
+
+    /// The file's destination for an original destination address, else the default one.
+    pub fn destination_by_addr(&self, dst: SocketAddr) -> &Arc<Destination> {
         self.by_addr.get(&dst).unwrap_or(&self.fallback)
     }
 
@@ -180,29 +178,14 @@ impl Policy {
 }
 
 impl Destination {
-    fn compile(spec: DestinationSpec, metrics: &HttpMetrics) -> Result<Self, String> {
-        let budget = spec.retry_budget.as_ref();
-        let budget = TpsBudget::new(
-            budget.and_then(|b| b.ttl).map_or(DEFAULT_BUDGET_TTL, |t| t.0),
-            budget
-                .and_then(|b| b.min_retries_per_second)
-                .unwrap_or(DEFAULT_BUDGET_MIN_PER_SECOND)
-                .min(i32::MAX as u32 - 1),
-            budget.and_then(|b| b.percent).map_or(DEFAULT_BUDGET_PERCENT, |p| p.0) / 100.0,
-        );
-        let mut names = std::collections::HashSet::new();
+    /// Compiles one destination of the model: the local file's, or one the control plane sent.
+    pub fn compile(spec: model::Destination, metrics: &HttpMetrics) -> Result<Self, String> {
         let mut rules = Vec::new();
-        for (r, mut route_spec) in spec.routes.into_iter().enumerate() {
-            let name = route_spec.name.0.clone();
-            if !names.insert(name.clone()) {
-                return Err(format!(
-                    "routes[{r}]: route name {name:?} is used twice for this destination"
-                ));
-            }
+        for (r, route_spec) in spec.routes.into_iter().enumerate() {
             // A route without `matches` matches every request (Gateway API: implicit `PathPrefix /`).
-            let match_specs = match std::mem::take(&mut route_spec.matches) {
+            let match_specs = match &route_spec.matches {
                 none if none.is_empty() => vec![MatchSpec::default()],
-                some => some,
+                some => some.clone(),
             };
             let route = Arc::new(Route::compile(route_spec, metrics).map_err(|e| format!("routes[{r}].{e}"))?);
             for (m, spec) in match_specs.into_iter().enumerate() {
@@ -221,7 +204,7 @@ impl Destination {
         Ok(Destination {
             rules: rules.into_iter().map(|(_, _, rule)| rule).collect(),
             default_route: Arc::new(Route::default_route(metrics)),
-            budget: Arc::new(budget),
+            budget: Arc::new(budget(&spec.retry_budget)),
         })
     }
 
@@ -229,11 +212,7 @@ impl Destination {
         Destination {
             rules: Vec::new(),
             default_route: Arc::new(Route::default_route(metrics)),
-            budget: Arc::new(TpsBudget::new(
-                DEFAULT_BUDGET_TTL,
-                DEFAULT_BUDGET_MIN_PER_SECOND,
-                DEFAULT_BUDGET_PERCENT / 100.0,
-            )),
+            budget: Arc::new(budget(&model::RetryBudget::default())),
         }
     }
 
@@ -247,23 +226,16 @@ impl Destination {
 }
 
 impl Route {
-    fn compile(spec: RouteSpec, metrics: &HttpMetrics) -> Result<Self, String> {
-        let enabled = |d: Option<file::HumanDuration>| d.map(|d| d.0).filter(|d| !d.is_zero());
-        let request_timeout = enabled(spec.timeouts.request);
-        let attempt_timeout = enabled(spec.timeouts.backend_request);
-        if let (Some(request), Some(attempt)) = (request_timeout, attempt_timeout) {
-            if attempt > request {
-                return Err(format!(
-                    "timeouts: backendRequest ({attempt:?}) must not exceed request ({request:?})"
-                ));
-            }
-        }
+    fn compile(spec: model::Route, metrics: &HttpMetrics) -> Result<Self, String> {
+        // Zero disables a timeout (Gateway API); the model refused an attempt longer than the whole.
+        let enabled = |d: Option<Duration>| d.filter(|d| !d.is_zero());
+        let timeouts = spec.timeouts.unwrap_or_default();
         let retry = spec.retry.map(|r| {
             let codes = if r.codes.is_empty() {
                 vec![
-                    RetryCode::Http(StatusCode::BAD_GATEWAY),
-                    RetryCode::Http(StatusCode::SERVICE_UNAVAILABLE),
-                    RetryCode::Http(StatusCode::GATEWAY_TIMEOUT),
+                    RetryCode::Http(502),
+                    RetryCode::Http(503),
+                    RetryCode::Http(504),
                     RetryCode::Grpc(14),
                 ]
             } else {
@@ -273,16 +245,17 @@ impl Route {
                 http: codes
                     .iter()
                     .filter_map(|c| match c {
-                        RetryCode::Http(s) => Some(*s),
+                        RetryCode::Http(s) => StatusCode::from_u16(*s).ok(),
                         RetryCode::Grpc(_) => None,
                     })
                     .collect(),
                 grpc: codes.iter().fold(0, |bits, c| match c {
-                    RetryCode::Grpc(n) => bits | (1 << n),
-                    RetryCode::Http(_) => bits,
+                    RetryCode::Grpc(n) if *n < 32 => bits | (1 << n),
+                    _ => bits,
                 }),
-                max_retries: r.attempts.unwrap_or(1),
-                backoff: r.backoff.map_or(DEFAULT_BACKOFF, |b| b.0),
+                // The retry budget bounds retries across requests; this bounds one request's.
+                max_retries: u8::try_from(r.attempts).unwrap_or(u8::MAX),
+                backoff: r.backoff,
             }
         });
         let mut total = 0u32;
@@ -294,7 +267,13 @@ impl Route {
             total = total
                 .checked_add(b.weight)
                 .ok_or_else(|| format!("backendRefs[{i}]: weights add up to more than {}", u32::MAX))?;
-            backends.push((total, b.address));
+            let address = b.address.as_str().parse::<SocketAddr>().map_err(|_| {
+                format!(
+                    "backendRefs[{i}]: {} is a name; this proxy sends to backends by ip:port",
+                    b.address
+                )
+            })?;
+            backends.push((total, address));
         }
         if !spec.backend_refs.is_empty() && backends.is_empty() {
             return Err("backendRefs: every weight is 0, so no request could be sent".to_string());
@@ -303,8 +282,8 @@ impl Route {
         Ok(Route {
             metrics: metrics.route(&name),
             name,
-            request_timeout,
-            attempt_timeout,
+            request_timeout: enabled(timeouts.request),
+            attempt_timeout: enabled(timeouts.backend_request),
             retry,
             backends,
         })
@@ -321,15 +300,15 @@ impl Route {
         }
     }
 
-    /// Where to send the request: a weighted pick among `backendRefs`, else the original target.
-    pub fn backend(&self, original: SocketAddr) -> SocketAddr {
+    /// A weighted pick among the route's `backendRefs`; `None` when it has none.
+    pub fn backend(&self) -> Option<SocketAddr> {
         match self.backends.as_slice() {
-            [] => original,
-            [(_, only)] => *only,
+            [] => None,
+            [(_, only)] => Some(*only),
             all => {
                 let total = all.last().map_or(1, |(t, _)| *t);
                 let pick = fastrand::u32(0..total);
-                all.iter().find(|(upto, _)| pick < *upto).map_or(original, |(_, a)| *a)
+                all.iter().find(|(upto, _)| pick < *upto).map(|(_, a)| *a)
             }
         }
     }
@@ -349,27 +328,18 @@ impl RouteMatch {
     fn compile(spec: MatchSpec) -> Result<Self, String> {
         let path = match spec.path {
             None => PathMatch::Any,
-            Some(p) => {
-                if p.kind != PathMatchType::RegularExpression && !p.value.starts_with('/') {
-                    return Err(format!("path: {:?} must start with '/'", p.value));
-                }
-                match p.kind {
-                    PathMatchType::Exact => PathMatch::Exact(p.value),
-                    PathMatchType::PathPrefix => match p.value.trim_end_matches('/') {
-                        "" => PathMatch::Any,
-                        prefix => PathMatch::Prefix(prefix.to_string()),
-                    },
-                    PathMatchType::RegularExpression => {
-                        PathMatch::Regex(anchored(&p.value).map_err(|e| format!("path: {e}"))?)
-                    }
-                }
-            }
+            Some(PathMatchSpec::Exact(p)) => PathMatch::Exact(p),
+            Some(PathMatchSpec::Prefix(p)) => match p.trim_end_matches('/') {
+                "" => PathMatch::Any,
+                prefix => PathMatch::Prefix(prefix.to_string()),
+            },
+            Some(PathMatchSpec::Regex(re)) => PathMatch::Regex(anchored(&re).map_err(|e| format!("path: {e}"))?),
         };
-        let value = |v: ValueMatchSpec, what: &str| -> Result<ValueMatch, String> {
-            Ok(match v.kind {
-                ValueMatchType::Exact => ValueMatch::Exact(v.value),
-                ValueMatchType::RegularExpression => {
-                    ValueMatch::Regex(anchored(&v.value).map_err(|e| format!("{what} {:?}: {e}", v.name))?)
+        let value = |v: StringMatch, what: &str, name: &str| -> Result<ValueMatch, String> {
+            Ok(match v {
+                StringMatch::Exact(v) => ValueMatch::Exact(v),
+                StringMatch::Regex(re) => {
+                    ValueMatch::Regex(anchored(&re).map_err(|e| format!("{what} {name:?}: {e}"))?)
                 }
             })
         };
@@ -377,15 +347,19 @@ impl RouteMatch {
         for h in spec.headers {
             let name = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| format!("headers: invalid header name {:?}", h.name))?;
-            headers.push((name, value(h, "headers")?));
+            headers.push((name, value(h.value, "headers", &h.name)?));
         }
         let mut query = Vec::new();
         for q in spec.query_params {
-            query.push((q.name.clone(), value(q, "queryParams")?));
+            query.push((q.name.clone(), value(q.value, "queryParams", &q.name)?));
         }
+        let method = spec
+            .method
+            .map(|m| Method::from_bytes(m.0.as_bytes()).map_err(|_| format!("method: {:?} is not a method", m.0)))
+            .transpose()?;
         Ok(RouteMatch {
             path,
-            method: spec.method.map(|m| m.0),
+            method,
             headers,
             query,
         })
@@ -454,6 +428,20 @@ impl ValueMatch {
             ValueMatch::Regex(re) => re.is_match(value),
         }
     }
+}
+
+/// A retry budget as the model states it (defaults filled in by the model).
+fn budget(b: &model::RetryBudget) -> TpsBudget {
+    TpsBudget::new(
+        b.ttl,
+        b.min_retries_per_second.min(i32::MAX as u32 - 1),
+        b.percent as f32 / 100.0,
+    )
+}
+
+/// The host part of a validated `host:port` authority.
+fn host_of(key: &Authority) -> &str {
+    key.as_str().rsplit_once(':').map_or(key.as_str(), |(host, _)| host)
 }
 
 /// Gateway API regular expressions match the whole value.

@@ -14,10 +14,9 @@ use std::{
 use arc_swap::ArcSwap;
 use tracing::{error, info};
 
-use super::{
-    Policy,
-    file::{FileError, RouteFile},
-};
+use pillion_api::policy::PolicyError;
+
+use super::Policy;
 use crate::http::metrics::HttpMetrics;
 
 /// The policy every request reads; swapped whole on reload.
@@ -26,14 +25,14 @@ pub type SharedPolicy = Arc<ArcSwap<Policy>>;
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Reads and compiles the file, or the empty policy when there is none.
-pub fn load(path: Option<&Path>, metrics: &HttpMetrics) -> Result<Policy, FileError> {
+pub fn load(path: Option<&Path>, metrics: &HttpMetrics) -> Result<Policy, PolicyError> {
     let Some(path) = path else {
         return Ok(Policy::empty(metrics));
     };
-    let file = RouteFile::read(path)?;
-    Policy::compile(file, metrics).map_err(|reason| FileError {
-        path: path.display().to_string(),
-        reason,
+    let policy = pillion_api::policy::load(path)?;
+    Policy::compile(policy, metrics).map_err(|message| PolicyError::Invalid {
+        origin: path.display().to_string(),
+        message,
     })
 }
 

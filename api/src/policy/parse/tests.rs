@@ -38,7 +38,7 @@ fn documented_example_parses() {
     assert_eq!(d.endpoints[0].address, "10.0.0.7:8080".parse().unwrap());
     assert_eq!(d.endpoints[0].protocol, ProtocolHint::Http2);
     assert_eq!(
-        d.endpoints[0].identity.as_ref().unwrap().0,
+        d.endpoints[0].identity.as_ref().unwrap().as_str(),
         "spiffe://cluster.local/ns/default/sa/web"
     );
     assert_eq!(d.retry_budget.ttl, Duration::from_secs(10));
@@ -68,7 +68,7 @@ fn documented_example_parses() {
     let Authorization::Allow { identities, prefixes } = &policy.inbound[&9090] else {
         panic!("allow list expected");
     };
-    assert_eq!(identities[0].0, "spiffe://cluster.local/ns/default/sa/client");
+    assert_eq!(identities[0].as_str(), "spiffe://cluster.local/ns/default/sa/client");
     assert_eq!(prefixes, &["spiffe://cluster.local/ns/prod/".to_string()]);
 }
 

@@ -2,22 +2,25 @@
 //!
 //! Route semantics follow the Gateway API HTTPRoute, so `HTTPRoute` objects translate one to one.
 //! Every value is validated while it is deserialized (newtypes with `try_from`), so an error carries
-//! the line and column of the offending value. The types are public: the proxy parses the same
-//! routes in its static config file.
+//! the line and column of the offending value. The proxy's route file and the control plane's
+//! policy file are both this model; the proxy compiles it into its request matcher.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
-
-use std::fmt;
+use std::{collections::HashMap, fmt, net::SocketAddr, time::Duration};
 
 use serde::{
     Deserialize, Deserializer,
     de::{self, Visitor},
 };
 
+pub use crate::spiffe::SpiffeId;
+
 /// The whole file, as written.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyFile {
+    /// The largest request body a proxy keeps for retries; read from the proxy's own file only.
+    #[serde(default)]
+    pub retry_buffer_bytes: Option<u32>,
     #[serde(default)]
     pub destinations: Vec<Destination>,
     #[serde(default)]
@@ -27,6 +30,7 @@ pub struct PolicyFile {
 /// The file indexed for lookups; duplicates were refused while building it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Policy {
+    pub retry_buffer_bytes: Option<u32>,
     pub destinations: HashMap<Authority, Destination>,
     pub inbound: HashMap<u16, Authorization>,
 }
@@ -257,15 +261,13 @@ pub struct Authority {
     port: u16,
 }
 
-/// `spiffe://<trust-domain>/<path>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
-#[serde(try_from = "String")]
-pub struct SpiffeId(pub String);
-
 impl Policy {
     /// Indexes the file; a destination or inbound port listed twice is an error.
     pub fn from_file(file: PolicyFile) -> Result<Self, String> {
-        let mut policy = Policy::default();
+        let mut policy = Policy {
+            retry_buffer_bytes: file.retry_buffer_bytes,
+            ..Policy::default()
+        };
         for (i, d) in file.destinations.into_iter().enumerate() {
             let mut names = std::collections::HashSet::new();
             for r in &d.routes {
@@ -296,6 +298,38 @@ impl Authority {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+}
+
+impl From<SocketAddr> for Authority {
+    fn from(addr: SocketAddr) -> Self {
+        Authority {
+            text: addr.to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+impl Authority {
+    /// A request's authority (`Host` or `:authority`) as a destination: normalised like a policy
+    /// key (lower case, no trailing dot), with `default_port` when it names none. `None` when it is
+    /// not a valid host.
+    pub fn from_request(authority: &str, default_port: u16) -> Option<Authority> {
+        let has_port = match authority.rsplit_once(':') {
+            // `[v6]` alone has colons but no port; `[v6]:p` and `host:p` have one.
+            Some((host, _)) => !authority.ends_with(']') && (host.starts_with('[') || !host.contains(':')),
+            None => false,
+        };
+        if has_port {
+            authority.parse().ok()
+        } else {
+            format!("{authority}:{default_port}").parse().ok()
+        }
+    }
+
+    /// The address, when this authority is `ip:port` rather than a name.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.text.parse().ok()
     }
 }
 
@@ -355,35 +389,6 @@ fn nonzero_port(port: u16, s: &str) -> Result<u16, String> {
         Err(format!("`{s}`: port 0 is not a destination"))
     } else {
         Ok(port)
-    }
-}
-
-impl TryFrom<String> for SpiffeId {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| format!("`{s}` is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"))?;
-        let (td, path) = rest
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}`: a SPIFFE ID needs a path after the trust domain"))?;
-        let td_ok = !td.is_empty()
-            && td
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
-        let path_ok = path.split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-        });
-        if !td_ok || !path_ok {
-            return Err(format!("`{s}` is not a valid SPIFFE ID"));
-        }
-        Ok(SpiffeId(s))
     }
 }
 
@@ -592,14 +597,7 @@ impl<'de> Deserialize<'de> for Authorization {
             }
 
             fn visit_str<E: de::Error>(self, mode: &str) -> Result<Authorization, E> {
-                match mode {
-                    "all-unauthenticated" => Ok(Authorization::AllUnauthenticated),
-                    "all-authenticated" => Ok(Authorization::AllAuthenticated),
-                    "deny" => Ok(Authorization::Deny),
-                    other => Err(E::custom(format!(
-                        "authorization `{other}` is not one of all-unauthenticated, all-authenticated, deny, {{allow: [...]}}"
-                    ))),
-                }
+                mode.parse().map_err(E::custom)
             }
 
             fn visit_map<M: de::MapAccess<'de>>(self, map: M) -> Result<Authorization, M::Error> {
@@ -611,9 +609,49 @@ impl<'de> Deserialize<'de> for Authorization {
     }
 }
 
+/// The named modes (`all-unauthenticated`, `all-authenticated`, `deny`); an allow-list is only
+/// written in YAML (`{allow: [...]}`).
+impl std::str::FromStr for Authorization {
+    type Err = String;
+
+    fn from_str(mode: &str) -> Result<Self, String> {
+        match mode {
+            "all-unauthenticated" => Ok(Authorization::AllUnauthenticated),
+            "all-authenticated" => Ok(Authorization::AllAuthenticated),
+            "deny" => Ok(Authorization::Deny),
+            other => Err(format!(
+                "authorization `{other}` is not one of all-unauthenticated, all-authenticated, deny, {{allow: [...]}}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Authorization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Authorization::AllUnauthenticated => f.write_str("all-unauthenticated"),
+            Authorization::AllAuthenticated => f.write_str("all-authenticated"),
+            Authorization::Deny => f.write_str("deny"),
+            Authorization::Allow { .. } => f.write_str("allow-list"),
+        }
+    }
+}
+
 impl Authorization {
+    /// Whether a client with `peer` (its verified mesh identity; `None` = no mesh TLS) may connect.
+    pub fn permits(&self, peer: Option<&SpiffeId>) -> bool {
+        match self {
+            Authorization::AllUnauthenticated => true,
+            Authorization::AllAuthenticated => peer.is_some(),
+            Authorization::Deny => false,
+            Authorization::Allow { identities, prefixes } => peer.is_some_and(|id| {
+                identities.contains(id) || prefixes.iter().any(|p| id.as_str().starts_with(p.as_str()))
+            }),
+        }
+    }
+
     /// Splits `allow` entries into exact IDs and `.../*` prefixes.
-    fn allow(entries: Vec<String>) -> Result<Self, String> {
+    pub fn allow(entries: Vec<String>) -> Result<Self, String> {
         let mut identities = Vec::new();
         let mut prefixes = Vec::new();
         for entry in entries {

@@ -1,0 +1,328 @@
+//! Between the policy model and the protobuf a proxy receives: one complete [`DestinationUpdate`]
+//! per destination, and back. The mapping is field for field; see `discovery.proto` for the
+//! meaning of each.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::proto::{self, DestinationUpdate};
+
+use super::model::{
+    Authority, Authorization, Destination, Endpoint, PathMatch, Policy, ProtocolHint, Retry, RetryBudget, RetryCode,
+    Route, RouteMatch, StringMatch, Timeouts,
+};
+
+/// The complete state for `destination`. Unknown destinations get `known = false` and nothing else
+/// but the inbound authorization of their port, if any.
+pub fn destination_update(policy: &Policy, destination: &Authority) -> DestinationUpdate {
+    // The inbound entry for this port matters when the watcher is the workload serving it.
+    let inbound_authorization = policy.inbound.get(&destination.port()).map(authorization);
+    match policy.destinations.get(destination) {
+        Some(d) => known(d, inbound_authorization),
+        None => DestinationUpdate {
+            destination: destination.to_string(),
+            known: false,
+            inbound_authorization,
+            ..Default::default()
+        },
+    }
+}
+
+fn known(d: &Destination, inbound_authorization: Option<proto::Authorization>) -> DestinationUpdate {
+    DestinationUpdate {
+        destination: d.destination.to_string(),
+        known: true,
+        endpoints: d.endpoints.iter().map(endpoint).collect(),
+        routes: d.routes.iter().map(route).collect(),
+        retry_budget: Some(retry_budget(&d.retry_budget)),
+        inbound_authorization,
+    }
+}
+
+fn endpoint(e: &Endpoint) -> proto::Endpoint {
+    let protocol = match e.protocol {
+        ProtocolHint::Unknown => proto::ProtocolHint::Unknown,
+        ProtocolHint::Http1 => proto::ProtocolHint::Http1,
+        ProtocolHint::Http2 => proto::ProtocolHint::Http2,
+        ProtocolHint::Opaque => proto::ProtocolHint::Opaque,
+    };
+    proto::Endpoint {
+        address: e.address.to_string(),
+        weight: e.weight,
+        identity: e
+            .identity
+            .as_ref()
+            .map(|id| id.as_str().to_string())
+            .unwrap_or_default(),
+        protocol: protocol.into(),
+    }
+}
+
+fn retry_budget(b: &RetryBudget) -> proto::RetryBudget {
+    proto::RetryBudget {
+        percent: b.percent,
+        min_retries_per_second: b.min_retries_per_second,
+        ttl: Some(duration(b.ttl)),
+    }
+}
+
+fn route(r: &Route) -> proto::Route {
+    proto::Route {
+        name: r.name.0.clone(),
+        matches: r.matches.iter().map(route_match).collect(),
+        timeouts: r.timeouts.as_ref().map(timeouts),
+        retry: r.retry.as_ref().map(retry),
+        backend_refs: r
+            .backend_refs
+            .iter()
+            .map(|b| proto::BackendRef {
+                address: b.address.to_string(),
+                weight: b.weight,
+            })
+            .collect(),
+    }
+}
+
+fn route_match(m: &RouteMatch) -> proto::RouteMatch {
+    use proto::{header_match, path_match, query_param_match};
+    proto::RouteMatch {
+        path: m.path.as_ref().map(|p| proto::PathMatch {
+            kind: Some(match p {
+                PathMatch::Exact(v) => path_match::Kind::Exact(v.clone()),
+                PathMatch::Prefix(v) => path_match::Kind::Prefix(v.clone()),
+                PathMatch::Regex(v) => path_match::Kind::Regex(v.clone()),
+            }),
+        }),
+        method: m.method.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
+        headers: m
+            .headers
+            .iter()
+            .map(|h| proto::HeaderMatch {
+                name: h.name.clone(),
+                value: Some(match &h.value {
+                    StringMatch::Exact(v) => header_match::Value::Exact(v.clone()),
+                    StringMatch::Regex(v) => header_match::Value::Regex(v.clone()),
+                }),
+            })
+            .collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .map(|q| proto::QueryParamMatch {
+                name: q.name.clone(),
+                value: Some(match &q.value {
+                    StringMatch::Exact(v) => query_param_match::Value::Exact(v.clone()),
+                    StringMatch::Regex(v) => query_param_match::Value::Regex(v.clone()),
+                }),
+            })
+            .collect(),
+    }
+}
+
+fn timeouts(t: &Timeouts) -> proto::Timeouts {
+    proto::Timeouts {
+        request: t.request.map(duration),
+        backend_request: t.backend_request.map(duration),
+    }
+}
+
+fn retry(r: &Retry) -> proto::Retry {
+    let mut out = proto::Retry {
+        attempts: r.attempts,
+        backoff: Some(duration(r.backoff)),
+        ..Default::default()
+    };
+    for code in &r.codes {
+        match *code {
+            RetryCode::Http(status) => out.http_statuses.push(u32::from(status)),
+            RetryCode::Grpc(code) => out.grpc_codes.push(code),
+        }
+    }
+    out
+}
+
+pub fn authorization(a: &Authorization) -> proto::Authorization {
+    use proto::authorization::{AllAuthenticated, AllUnauthenticated, Allow, Deny, Policy};
+    let policy = match a {
+        Authorization::AllUnauthenticated => Policy::AllUnauthenticated(AllUnauthenticated {}),
+        Authorization::AllAuthenticated => Policy::AllAuthenticated(AllAuthenticated {}),
+        Authorization::Deny => Policy::Deny(Deny {}),
+        Authorization::Allow { identities, prefixes } => Policy::Allow(Allow {
+            identities: identities.iter().map(|id| id.as_str().to_string()).collect(),
+            prefixes: prefixes.clone(),
+        }),
+    };
+    proto::Authorization { policy: Some(policy) }
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// From the protocol back to the model, for the proxy: an update is validated by exactly the rules
+/// a policy file is, because it is rebuilt as the YAML a person would have written and
+/// deserialised by the same code. Errors name the field, like a file's (`routes[0].retry.codes[1]`).
+/// `None` for a destination the control plane does not know.
+pub fn destination_from_update(update: &DestinationUpdate) -> Result<Option<Destination>, String> {
+    if !update.known {
+        return Ok(None);
+    }
+    let yaml = json!({
+        "destination": update.destination,
+        "endpoints": update.endpoints.iter().map(endpoint_yaml).collect::<Vec<_>>(),
+        "retryBudget": update.retry_budget.as_ref().map(|b| json!({
+            "percent": b.percent,
+            "minRetriesPerSecond": b.min_retries_per_second,
+            "ttl": b.ttl.as_ref().map(duration_yaml),
+        })),
+        "routes": update.routes.iter().map(route_yaml).collect::<Result<Vec<_>, _>>()?,
+    });
+    let yaml = without_nulls(yaml);
+    Destination::deserialize(yaml).map(Some).map_err(|e| e.to_string())
+}
+
+/// The inbound authorization in an update, validated as the policy file's `authorization` is.
+pub fn authorization_from_proto(a: &proto::Authorization) -> Result<Option<Authorization>, String> {
+    use proto::authorization::Policy;
+    let yaml = match &a.policy {
+        None => return Ok(None),
+        Some(Policy::AllUnauthenticated(_)) => json!("all-unauthenticated"),
+        Some(Policy::AllAuthenticated(_)) => json!("all-authenticated"),
+        Some(Policy::Deny(_)) => json!("deny"),
+        Some(Policy::Allow(allow)) => {
+            let prefixes = allow.prefixes.iter().map(|p| {
+                // Kept with their trailing `/`; written `.../*`.
+                let p = p.strip_suffix('/').unwrap_or(p);
+                format!("{p}/*")
+            });
+            json!({ "allow": allow.identities.iter().cloned().chain(prefixes).collect::<Vec<_>>() })
+        }
+    };
+    Authorization::deserialize(yaml).map(Some).map_err(|e| e.to_string())
+}
+
+fn endpoint_yaml(e: &proto::Endpoint) -> Value {
+    let protocol = match proto::ProtocolHint::try_from(e.protocol).unwrap_or_default() {
+        proto::ProtocolHint::Unknown => "unknown",
+        proto::ProtocolHint::Http1 => "http1",
+        proto::ProtocolHint::Http2 => "http2",
+        proto::ProtocolHint::Opaque => "opaque",
+    };
+    json!({
+        "address": e.address,
+        "identity": (!e.identity.is_empty()).then_some(&e.identity),
+        "protocol": protocol,
+        "weight": e.weight,
+    })
+}
+
+fn route_yaml(r: &proto::Route) -> Result<Value, String> {
+    use proto::{header_match, path_match, query_param_match};
+    let matches: Vec<Value> = r
+        .matches
+        .iter()
+        .map(|m| {
+            let path = m.path.as_ref().and_then(|p| p.kind.as_ref()).map(|kind| match kind {
+                path_match::Kind::Exact(v) => json!({ "type": "Exact", "value": v }),
+                path_match::Kind::Prefix(v) => json!({ "type": "PathPrefix", "value": v }),
+                path_match::Kind::Regex(v) => json!({ "type": "RegularExpression", "value": v }),
+            });
+            let value = |exact: Option<&String>, regex: Option<&String>| match (exact, regex) {
+                (Some(v), _) => ("Exact", v.clone()),
+                (_, Some(v)) => ("RegularExpression", v.clone()),
+                // A match without a value matches the empty value, as in YAML `value: ""`.
+                (None, None) => ("Exact", String::new()),
+            };
+            let headers: Vec<Value> = m
+                .headers
+                .iter()
+                .map(|h| {
+                    let (kind, v) = match &h.value {
+                        Some(header_match::Value::Exact(v)) => value(Some(v), None),
+                        Some(header_match::Value::Regex(v)) => value(None, Some(v)),
+                        None => value(None, None),
+                    };
+                    json!({ "name": h.name, "type": kind, "value": v })
+                })
+                .collect();
+            let query: Vec<Value> = m
+                .query_params
+                .iter()
+                .map(|q| {
+                    let (kind, v) = match &q.value {
+                        Some(query_param_match::Value::Exact(v)) => value(Some(v), None),
+                        Some(query_param_match::Value::Regex(v)) => value(None, Some(v)),
+                        None => value(None, None),
+                    };
+                    json!({ "name": q.name, "type": kind, "value": v })
+                })
+                .collect();
+            json!({
+                "path": path,
+                "method": (!m.method.is_empty()).then_some(&m.method),
+                "headers": headers,
+                "queryParams": query,
+            })
+        })
+        .collect();
+    let retry = match &r.retry {
+        None => None,
+        Some(retry) => {
+            let mut codes: Vec<Value> = retry.http_statuses.iter().map(|s| json!(s)).collect();
+            for code in &retry.grpc_codes {
+                let name = RetryCode::grpc_name(*code).ok_or_else(|| format!("retry: gRPC code {code} is unknown"))?;
+                codes.push(json!(name));
+            }
+            Some(json!({
+                "codes": codes,
+                "attempts": retry.attempts,
+                "backoff": retry.backoff.as_ref().map(duration_yaml),
+            }))
+        }
+    };
+    Ok(json!({
+        "name": r.name,
+        "matches": matches,
+        "timeouts": r.timeouts.as_ref().map(|t| json!({
+            "request": t.request.as_ref().map(duration_yaml),
+            "backendRequest": t.backend_request.as_ref().map(duration_yaml),
+        })),
+        "retry": retry,
+        "backendRefs": r.backend_refs.iter().map(|b| json!({ "address": b.address, "weight": b.weight })).collect::<Vec<_>>(),
+    }))
+}
+
+/// A protobuf duration as the YAML duration text (`1s 500ms`); a negative one stays negative text
+/// and is refused by the parser, as in a file.
+fn duration_yaml(d: &prost_types::Duration) -> String {
+    match (u64::try_from(d.seconds), u32::try_from(d.nanos)) {
+        (Ok(s), Ok(n)) if n < 1_000_000_000 => {
+            let d = Duration::new(s, n);
+            if d.is_zero() {
+                "0s".to_string()
+            } else {
+                humantime::format_duration(d).to_string()
+            }
+        }
+        _ => format!("-{}s", d.seconds.unsigned_abs()),
+    }
+}
+
+/// An absent optional field is left out, as in a file (where `null` would be a type error).
+fn without_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
+}
