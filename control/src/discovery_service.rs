@@ -105,14 +105,12 @@ async fn next_update(mut s: StreamState) -> Option<(Result<DestinationUpdate, St
 }
 
 /// The destination's state as `caller` may see it: its inbound authorization only when the caller
-/// is one of the destination's endpoints (`None` = plaintext, sees everything).
-fn visible_update(policy: &Policy, destination: &Authority, caller: Option<&SpiffeId>) -> DestinationUpdate {
+/// is one of the destination's endpoints, including the endpoint an `ip:port` names (`None` =
+/// plaintext, sees everything). `pillion-control diagnostics` shows operators the same answer.
+pub fn visible_update(policy: &Policy, destination: &Authority, caller: Option<&SpiffeId>) -> DestinationUpdate {
     let mut update = destination_update(policy, destination);
     if let Some(caller) = caller {
-        let serves_it = policy
-            .destinations
-            .get(destination)
-            .is_some_and(|d| d.endpoints.iter().any(|e| e.identity.as_ref() == Some(caller)));
+        let serves_it = update.endpoints.iter().any(|e| e.identity == caller.as_str());
         if !serves_it {
             update.inbound_authorization = None;
         }

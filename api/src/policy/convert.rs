@@ -19,15 +19,40 @@ use super::model::{
 pub fn destination_update(policy: &Policy, destination: &Authority) -> DestinationUpdate {
     // The inbound entry for this port matters when the watcher is the workload serving it.
     let inbound_authorization = policy.inbound.get(&destination.port()).map(authorization);
-    match policy.destinations.get(destination) {
-        Some(d) => known(d, inbound_authorization),
-        None => DestinationUpdate {
+    if let Some(d) = policy.destinations.get(destination) {
+        return known(d, inbound_authorization);
+    }
+    // An `ip:port` that no entry names but that is some destination's endpoint (the address a
+    // name resolves to, a pod dialled directly) is known by that endpoint alone: its identity
+    // makes the hop mesh TLS, whatever the client used to reach it.
+    if let Some(endpoint) = endpoint_at(policy, destination) {
+        return DestinationUpdate {
             destination: destination.to_string(),
-            known: false,
+            known: true,
+            endpoints: vec![self::endpoint(endpoint)],
+            retry_budget: Some(retry_budget(&RetryBudget::default())),
             inbound_authorization,
             ..Default::default()
-        },
+        };
     }
+    DestinationUpdate {
+        destination: destination.to_string(),
+        known: false,
+        inbound_authorization,
+        ..Default::default()
+    }
+}
+
+/// The endpoint at `address` among all destinations' (the first destination by name, when several
+/// list it, so the answer does not depend on map order).
+fn endpoint_at<'p>(policy: &'p Policy, address: &Authority) -> Option<&'p Endpoint> {
+    let address = address.socket_addr()?;
+    policy
+        .destinations
+        .iter()
+        .filter_map(|(key, d)| Some((key, d.endpoints.iter().find(|e| e.address == address)?)))
+        .min_by_key(|(key, _)| *key)
+        .map(|(_, e)| e)
 }
 
 fn known(d: &Destination, inbound_authorization: Option<proto::Authorization>) -> DestinationUpdate {
@@ -172,6 +197,39 @@ pub fn destination_from_update(update: &DestinationUpdate) -> Result<Option<Dest
     if !update.known {
         return Ok(None);
     }
+    Destination::deserialize(destination_yaml(update)?)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// An update as the policy YAML's destination entry would say it (JSON), for operators:
+/// `pillion-control diagnostics` prints what a proxy would be told in the words they write.
+pub fn update_to_json(update: &DestinationUpdate) -> Result<Value, String> {
+    let mut shown = json!({ "known": update.known });
+    if update.known {
+        shown = destination_yaml(update)?;
+        shown["known"] = json!(true);
+    } else {
+        shown["destination"] = json!(update.destination);
+    }
+    if let Some(a) = &update.inbound_authorization {
+        shown["inboundAuthorization"] = match authorization_from_proto(a)? {
+            Some(Authorization::Allow { identities, prefixes }) => json!({
+                "allow": identities
+                    .iter()
+                    .map(|id| id.as_str().to_string())
+                    .chain(prefixes.iter().map(|p| format!("{p}*")))
+                    .collect::<Vec<_>>()
+            }),
+            Some(named) => json!(named.to_string()),
+            None => Value::Null,
+        };
+    }
+    Ok(shown)
+}
+
+/// The YAML (as JSON) of a known update's destination, absent fields left out.
+fn destination_yaml(update: &DestinationUpdate) -> Result<Value, String> {
     let yaml = json!({
         "destination": update.destination,
         "endpoints": update.endpoints.iter().map(endpoint_yaml).collect::<Vec<_>>(),
@@ -182,8 +240,7 @@ pub fn destination_from_update(update: &DestinationUpdate) -> Result<Option<Dest
         })),
         "routes": update.routes.iter().map(route_yaml).collect::<Result<Vec<_>, _>>()?,
     });
-    let yaml = without_nulls(yaml);
-    Destination::deserialize(yaml).map(Some).map_err(|e| e.to_string())
+    Ok(without_nulls(yaml))
 }
 
 /// The inbound authorization in an update, validated as the policy file's `authorization` is.
@@ -324,5 +381,52 @@ fn without_nulls(v: Value) -> Value {
         ),
         Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse;
+
+    const POLICY: &str = r#"
+destinations:
+  - destination: api.shop.svc.cluster.local:8080
+    endpoints: [{ address: 10.0.0.7:8080, identity: spiffe://cluster.local/ns/shop/sa/api.v2 }]
+    routes: [{ name: slow, timeouts: { request: 200ms } }]
+inbound:
+  - port: 8080
+    authorization: { allow: ["spiffe://cluster.local/ns/shop/*"] }
+"#;
+
+    #[test]
+    fn an_endpoint_address_is_known_by_its_endpoint_alone() {
+        let policy = parse(POLICY, "policy.yaml").unwrap();
+        let update = destination_update(&policy, &"10.0.0.7:8080".parse().unwrap());
+        assert!(update.known);
+        assert_eq!(update.endpoints.len(), 1);
+        assert_eq!(update.endpoints[0].identity, "spiffe://cluster.local/ns/shop/sa/api.v2");
+        assert!(update.routes.is_empty(), "the name's routes are the name's");
+        assert!(update.inbound_authorization.is_some());
+        let other = destination_update(&policy, &"10.0.0.8:8080".parse().unwrap());
+        assert!(!other.known && other.endpoints.is_empty());
+    }
+
+    #[test]
+    fn operators_see_an_update_in_the_policy_files_words() {
+        let policy = parse(POLICY, "policy.yaml").unwrap();
+        let update = destination_update(&policy, &"api.shop.svc.cluster.local:8080".parse().unwrap());
+        let shown = update_to_json(&update).unwrap();
+        assert_eq!(shown["known"], json!(true));
+        assert_eq!(shown["routes"][0]["timeouts"]["request"], json!("200ms"));
+        assert_eq!(
+            shown["inboundAuthorization"],
+            json!({ "allow": ["spiffe://cluster.local/ns/shop/*"] })
+        );
+        let unknown = destination_update(&policy, &"web:80".parse().unwrap());
+        assert_eq!(
+            update_to_json(&unknown).unwrap(),
+            json!({ "known": false, "destination": "web:80" })
+        );
     }
 }
