@@ -11,8 +11,9 @@ use clap::{
     error::{ContextKind, ContextValue, ErrorKind},
 };
 use pillion_control::{
+    diagnostics,
     inject::{self, InjectOptions},
-    policy::model::SpiffeId,
+    policy::model::{Authority, SpiffeId},
     server::Limits,
     spiffe::TrustDomain,
 };
@@ -69,6 +70,56 @@ pub enum Command {
     ///
     /// Example: `pillion-control inject < app.yaml | kubectl apply -f -`
     Inject(InjectCommand),
+    /// Show what the control plane tells proxies, without a running server.
+    #[command(subcommand)]
+    Diagnostics(DiagnosticsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiagnosticsCommand {
+    /// Print the first update `Discovery.Watch` would send for each DESTINATION, as JSON in the
+    /// policy file's words: one document per destination.
+    ///
+    /// The answer comes from the same code `serve` uses, for a caller with the `--caller` identity
+    /// (over mTLS) or, without it, a plaintext caller (which sees every field). A destination's
+    /// inbound authorization is shown only to a caller that is one of its endpoint identities.
+    ///
+    /// Example: `pillion-control diagnostics destination --policy policy.yaml web.shop.svc.cluster.local:80`
+    Destination(DiagnosticsDestinationArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiagnosticsDestinationArgs {
+    /// Discovery and policy YAML, as `serve --policy` reads it.
+    #[arg(long, env = "PILLION_CONTROL_POLICY", value_name = "FILE")]
+    pub policy: PathBuf,
+
+    /// The watching proxy's SPIFFE ID (its mTLS client certificate); absent = a plaintext caller.
+    #[arg(long, value_name = "SPIFFE_ID", value_parser = parse_spiffe_id)]
+    pub caller: Option<SpiffeId>,
+
+    /// `pretty` (indented JSON documents, one after another) or `json` (one object per line).
+    #[arg(long, default_value = "pretty", value_name = "FORMAT")]
+    pub output: OutputFormat,
+
+    /// `host:port` or `ip:port`, as a proxy would watch it.
+    #[arg(required = true, value_name = "DESTINATION", value_parser = parse_authority)]
+    pub destinations: Vec<Authority>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Pretty,
+    Json,
+}
+
+impl OutputFormat {
+    pub fn format(self) -> diagnostics::Format {
+        match self {
+            OutputFormat::Pretty => diagnostics::Format::Pretty,
+            OutputFormat::Json => diagnostics::Format::Json,
+        }
+    }
 }
 
 /// `pillion-control inject`: what is injected, plus the names `serve` knows as its own settings.
@@ -443,6 +494,10 @@ fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
 
 fn parse_spiffe_id(s: &str) -> Result<SpiffeId, String> {
     SpiffeId::try_from(s.to_string())
+}
+
+fn parse_authority(s: &str) -> Result<Authority, String> {
+    s.parse()
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

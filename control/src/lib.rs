@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod diagnostics;
 pub mod discovery_service;
 pub mod identity_service;
 pub mod inject;

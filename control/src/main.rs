@@ -1,5 +1,5 @@
 //! `pillion-control`: flags → load and check every file → bind → serve until SIGTERM; or one of
-//! the tools (`ca init`, `inject`).
+//! the tools (`ca init`, `inject`, `diagnostics destination`).
 //!
 //! Exit codes: 2 for a bad flag value (before anything is read), 1 for a file that cannot be read
 //! or used (issuer, key, anchors, tokens, policy), a listener that cannot be bound, or input that
@@ -9,10 +9,14 @@ mod cli;
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
-use cli::{CaCommand, CaInitArgs, Cli, Command, InjectCommand, LogFormat, ServeArgs};
+use cli::{
+    CaCommand, CaInitArgs, Cli, Command, DiagnosticsCommand, DiagnosticsDestinationArgs, InjectCommand, LogFormat,
+    ServeArgs,
+};
 use pillion_control::{
     auth::{AnyAuthenticator, CachedAuthenticator, TokenFile, TokenReview, cache},
     ca::{self, CertificateAuthority},
+    diagnostics,
     inject::{self, InjectOptions},
     kube_api::{KubeApi, KubeApiConfig},
     policy::{Policy, PolicyWatch},
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca(CaCommand::Init(args)) => ca_init(&args),
         Command::Inject(args) => inject_stdin(&args),
+        Command::Diagnostics(DiagnosticsCommand::Destination(args)) => diagnose_destinations(&args),
         Command::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
             match runtime {
@@ -253,6 +258,19 @@ fn inject_stdin(args: &InjectCommand) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Loads the policy as `serve` does and prints what each destination's watcher would be told;
+/// all of stdout or nothing.
+fn diagnose_destinations(args: &DiagnosticsDestinationArgs) -> Result<(), String> {
+    use std::io::Write;
+    let policy = pillion_control::policy::load(&args.policy).map_err(|e| e.to_string())?;
+    let shown = diagnostics::destinations(&policy, &args.destinations, args.caller.as_ref(), args.output.format())?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(shown.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("cannot write standard output: {e}"))
 }
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<(), String> {
