@@ -34,10 +34,7 @@ use crate::{
     metrics::{Direction, Metrics},
     opaque_transport::OpaqueTransport,
     outbound::Outbound,
-    policy::{
-        file::FileError,
-        reload::{self, SharedPolicy},
-    },
+    policy::reload::{self, SharedPolicy},
     tls::{self, MeshTls},
     transport::{self, ConnectSettings},
 };
@@ -53,7 +50,7 @@ pub enum AppError {
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
     #[error("invalid PILLION_CONFIG {0}")]
-    RouteFile(#[from] FileError),
+    RouteFile(#[from] pillion_api::policy::PolicyError),
     #[error("identity: {0}")]
     Identity(String),
 }
@@ -305,7 +302,12 @@ fn mesh(config: &Config, metrics: &Metrics) -> Result<MeshParts, AppError> {
     let status = control.as_ref().map(|c| c.status.clone());
     let discovery = control.map(|control| {
         let settings = DiscoverySettings::from_config(config);
-        Discovery::new(control.discovery, settings, metrics.discovery_destinations.clone())
+        Discovery::new(
+            control.discovery,
+            settings,
+            metrics.http.clone(),
+            metrics.discovery_destinations.clone(),
+        )
     });
     let tls = MeshTls::new(store.clone()).map_err(|e| fail(e.to_string()))?;
     Ok((Some(Arc::new(Mesh { tls, store, discovery })), status))

@@ -28,7 +28,7 @@ use std::{
 use pillion_api::{
     policy::{
         convert::{authorization_from_proto, destination_from_update},
-        model::{Authority, ProtocolHint},
+        model::Authority,
     },
     proto::{DestinationUpdate, WatchRequest, discovery_client::DiscoveryClient},
 };
@@ -41,50 +41,17 @@ use crate::{authz::Authorization, http::metrics::HttpMetrics, policy, tls::spiff
 /// What the control plane says about one destination, compiled for use per request.
 #[derive(Default)]
 pub struct Target {
-    /// Routes and retry budget, when the control plane's policy names the destination.
+    /// Routes, retry budget and endpoints, when the control plane knows the destination:
+    /// compiled exactly as the same destination in the local route file would be.
     pub routes: Option<Arc<policy::Destination>>,
-    /// Endpoints in rotation (weight above 0).
-    pub endpoints: Vec<Endpoint>,
     /// For this workload's own port: who may connect (`None`: the proxy's own default applies).
     pub authorization: Option<Authorization>,
 }
 
-#[derive(Clone, Debug)]
-pub struct Endpoint {
-    pub address: SocketAddr,
-    /// The identity its certificate must carry; `None` = not meshed, plaintext.
-    pub identity: Option<SpiffeId>,
-    pub weight: u32,
-    pub protocol: ProtocolHint,
-}
-
 impl Target {
-    /// The endpoint at `address`, if it is one of this destination's.
-    pub fn endpoint(&self, address: SocketAddr) -> Option<&Endpoint> {
-        self.endpoints.iter().find(|e| e.address == address)
-    }
-
-    /// The identity expected at `address` (the connection's own target, usually).
+    /// The identity the control plane expects at `address`.
     pub fn identity(&self, address: SocketAddr) -> Option<&SpiffeId> {
-        self.endpoint(address)?.identity.as_ref()
-    }
-
-    /// An endpoint chosen at random in proportion to its weight.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        let total: u64 = self.endpoints.iter().map(|e| u64::from(e.weight)).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut pick = fastrand::u64(0..total);
-        self.endpoints.iter().find(|e| {
-            let w = u64::from(e.weight);
-            if pick < w {
-                true
-            } else {
-                pick -= w;
-                false
-            }
-        })
+        self.routes.as_ref()?.identity(address)
     }
 }
 
@@ -376,20 +343,8 @@ fn compile(update: &DestinationUpdate, metrics: &HttpMetrics) -> Result<Target, 
             ..Target::default()
         });
     };
-    let endpoints = destination
-        .endpoints
-        .iter()
-        .filter(|e| e.weight > 0)
-        .map(|e| Endpoint {
-            address: e.address,
-            identity: e.identity.clone(),
-            weight: e.weight,
-            protocol: e.protocol,
-        })
-        .collect();
     Ok(Target {
         routes: Some(Arc::new(policy::Destination::compile(destination, metrics)?)),
-        endpoints,
         authorization,
     })
 }

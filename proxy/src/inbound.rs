@@ -116,12 +116,12 @@ impl Inbound {
                 self.authorizer.connection(app, client_id.as_ref()).await;
                 let version = Version::of(protocol);
                 // HTTP is checked again per request, against the policy of the moment.
-                let authz = Arc::new(ConnectionAuthz {
-                    authorizer: self.authorizer.clone(),
+                let authz = Arc::new(ConnectionAuthz::new(
+                    self.authorizer.clone(),
                     app,
-                    client: client_id,
-                    denied: self.metrics.authz_denied.clone(),
-                });
+                    client_id,
+                    self.metrics.authz_denied.clone(),
+                ));
                 self.http
                     .serve(PrefixedIo::new(prefix, io), version, app, peer, Some(authz))
                     .await

@@ -29,6 +29,13 @@ pub enum Security {
     Mesh(SpiffeId),
 }
 
+impl Security {
+    /// Mesh TLS to `identity`; plaintext when there is none.
+    pub fn from_identity(identity: Option<SpiffeId>) -> Self {
+        identity.map_or(Security::Plain, Security::Mesh)
+    }
+}
+
 pub struct Mesh {
     pub tls: MeshTls,
     pub store: Arc<IdentityStore>,
@@ -38,15 +45,12 @@ pub struct Mesh {
 impl Mesh {
     /// The identity expected at `target`, if the control plane says it is meshed.
     pub async fn identity_for(&self, target: SocketAddr) -> Option<SpiffeId> {
-        self.discovery.as_ref()?.lookup(target).await?.identity.clone()
+        self.discovery.as_ref()?.lookup(target).await?.identity(target).cloned()
     }
 
     /// The decision in force for `target`, waiting (once per destination) for discovery's answer.
     pub async fn security_for(&self, target: SocketAddr) -> Security {
-        match self.identity_for(target).await {
-            Some(id) => Security::Mesh(id),
-            None => Security::Plain,
-        }
+        Security::from_identity(self.identity_for(target).await)
     }
 
     /// The decision in force for `target` without waiting, when discovery has settled it;
@@ -55,11 +59,10 @@ impl Mesh {
         let Some(discovery) = &self.discovery else {
             return Some(Security::Plain);
         };
-        let answer = discovery.settled(target)?;
-        Some(match answer.and_then(|t| t.identity.clone()) {
-            Some(id) => Security::Mesh(id),
-            None => Security::Plain,
-        })
+        let answer = discovery.handle_addr(target)?.settled()?;
+        Some(Security::from_identity(
+            answer.and_then(|t| t.identity(target).cloned()),
+        ))
     }
 
     /// Opens mTLS over `stream`, naming (and so verifying) the expected server identity. The
@@ -69,13 +72,7 @@ impl Mesh {
         stream: TcpStream,
         id: &SpiffeId,
     ) -> io::Result<CertBound<client::TlsStream<TcpStream>>> {
-        let sni = id.to_sni().map_err(io::Error::other)?;
-        let name = ServerName::try_from(sni).map_err(io::Error::other)?;
-        let tls = TlsConnector::from(self.tls.client.clone())
-            .connect(name, stream)
-            .await?;
-        let until = session_end(self.own_not_after()?, tls.get_ref().1.peer_certificates());
-        Ok(CertBound::new(tls, until))
+        self.connect_with(self.tls.client.clone(), stream, id).await
     }
 
     /// When the certificate we present expires (none held: no mesh TLS at all).
@@ -100,16 +97,7 @@ impl Mesh {
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
-        let tls = TlsAcceptor::from(self.tls.server.clone()).accept(io).await?;
-        let peer = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "client sent no certificate"))?;
-        let id = SpiffeId::from_certificate(peer).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
-        let until = session_end(self.own_not_after()?, tls.get_ref().1.peer_certificates());
-        Ok((CertBound::new(tls, until), id))
+        self.accept_with(self.tls.server.clone(), io).await
     }
 
     /// [`connect`](Self::connect) with another client configuration over the same identity

