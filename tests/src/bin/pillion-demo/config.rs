@@ -1,9 +1,10 @@
 //! The demo's configuration files: the control plane's policy and the proxies' route file.
 //!
 //! The policy says which addresses are meshed (an endpoint with the server's SPIFFE ID, so the
-//! client's proxy originates mTLS) and who may call the server's ports (the client's ID only).
-//! The route file names the routes, which become the `route` label of the HTTP metrics; both
-//! proxies read the same file, keyed by the destination each of them sees.
+//! client's proxy originates mTLS), their routes (the client's proxy applies them, as it would
+//! the same YAML in its own file), and who may call the server's ports (the client's ID only).
+//! The route file names the same routes for the server's proxy, whose inbound side routes by its
+//! own file; the routes become the `route` label of the HTTP metrics on both sides.
 
 use std::net::SocketAddr;
 
@@ -21,6 +22,7 @@ pub fn policy(meshed: &[SocketAddr], inbound_ports: &[u16], server_id: &str, cli
         yaml.push_str(&format!(
             "  - destination: {addr}\n    endpoints: [{{ address: {addr}, identity: {server_id} }}]\n"
         ));
+        yaml.push_str(&routes_of());
     }
     yaml.push_str("inbound:\n");
     for port in inbound_ports {
@@ -35,12 +37,20 @@ pub fn policy(meshed: &[SocketAddr], inbound_ports: &[u16], server_id: &str, cli
 pub fn routes(destinations: &[SocketAddr]) -> String {
     let mut yaml = String::from("destinations:\n");
     for destination in destinations {
-        yaml.push_str(&format!("  - destination: {destination}\n    routes:\n"));
-        for (name, matches) in ROUTES {
-            yaml.push_str(&format!(
-                "      - name: {name}\n        matches: [{matches}]\n        timeouts: {{ request: 5s }}\n"
-            ));
-        }
+        yaml.push_str(&format!("  - destination: {destination}\n"));
+        yaml.push_str(&routes_of());
+    }
+    yaml
+}
+
+/// The `routes:` of one destination entry (routes only ever apply to HTTP, so a TCP port's entry
+/// may carry them too).
+fn routes_of() -> String {
+    let mut yaml = String::from("    routes:\n");
+    for (name, matches) in ROUTES {
+        yaml.push_str(&format!(
+            "      - name: {name}\n        matches: [{matches}]\n        timeouts: {{ request: 5s }}\n"
+        ));
     }
     yaml
 }
@@ -53,12 +63,16 @@ mod tests {
     fn policy_lists_endpoints_and_authorization() {
         let addr: SocketAddr = "10.42.0.20:8080".parse().unwrap();
         let yaml = policy(&[addr], &[8080], "spiffe://td/ns/a/sa/s", "spiffe://td/ns/a/sa/c");
+        let routes = routes_of();
         assert_eq!(
             yaml,
             "destinations:
   - destination: 10.42.0.20:8080
     endpoints: [{ address: 10.42.0.20:8080, identity: spiffe://td/ns/a/sa/s }]
-inbound:
+"
+            .to_string()
+                + &routes
+                + "inbound:
   - port: 8080
     authorization: { allow: [spiffe://td/ns/a/sa/c] }
 "
