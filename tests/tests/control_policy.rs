@@ -6,11 +6,15 @@
 //! with `pillion-iptables-init` and a `pillion-proxy` running as its own UID that takes its
 //! certificate from the control plane, which runs in pod B's namespace. Pod B runs three apps
 //! (`server` on 8080, `blue` on 8081, `green` on 8082); the test thread in pod A plays A's app, so
-//! its plaintext requests are redirected to A's outbound proxy, which originates mTLS to B.
+//! its plaintext requests are redirected to A's outbound proxy, which originates mTLS to the ports
+//! the control plane's policy lists with B's identity.
 //!
 //! Most scenarios run twice, once with the routes in A's route file and once with the same routes
 //! in the control plane's policy ([`Source`]): the route-file run proves the scene, the app and
-//! the assertions, so a failing control-plane run is about where the routes came from.
+//! the assertions, so a failing control-plane run is about where the routes came from. Besides:
+//! a destination the control plane knows only by a service name (matched by `Host`), precedence
+//! (the control plane's routes win for a destination it knows, the file keeps the others), and a
+//! service account with dots in its name.
 //!
 //! Ports: B ignores inbound 8090 (the control plane) and A ignores outbound 8090, so the proxies
 //! reach the control plane directly.
@@ -60,6 +64,8 @@ enum Source {
     /// file alone decides (for a destination the control plane knows, its routes win): the hop to
     /// B's app is plaintext, and B's other apps, the backends of a split, are meshed.
     RouteFile,
+    /// The control plane's policy; A's route file has no destinations.
+    ControlPlane,
 }
 
 /// B's address and identity: what the policies are written from.
@@ -143,6 +149,10 @@ impl Names {
             Source::RouteFile => Policies {
                 control: self.control_without_app(),
                 file: policy(&[destination(&self.addr(APP_PORT).to_string(), None, app_routes)], &[]),
+            },
+            Source::ControlPlane => Policies {
+                control: self.control(app_routes),
+                file: NO_ROUTES.to_owned(),
             },
         }
     }
@@ -606,4 +616,138 @@ fn a_service_account_with_dots_is_certified_and_reachable_over_mesh_tls() {
         .b_admin()
         .wait_at_least(&mesh_tls("inbound", &scene.client.spiffe_id()), 1.0);
     assert_eq!(scene.b_admin().metrics().value(PLAINTEXT_INBOUND), 0.0);
+}
+
+#[test]
+fn a_request_timeout_from_the_control_plane_answers_504() {
+    if !require_root("a_request_timeout_from_the_control_plane_answers_504") {
+        return;
+    }
+    request_timeout_answers_504("cpt-cp", Source::ControlPlane);
+}
+
+#[test]
+fn retries_from_the_control_plane_turn_503_into_200() {
+    if !require_root("retries_from_the_control_plane_turn_503_into_200") {
+        return;
+    }
+    retries_turn_503_into_200("cpr-cp", Source::ControlPlane);
+}
+
+#[test]
+fn a_weighted_split_from_the_control_plane_follows_the_weights() {
+    if !require_root("a_weighted_split_from_the_control_plane_follows_the_weights") {
+        return;
+    }
+    weighted_split_follows_the_weights("cps-cp", Source::ControlPlane);
+}
+
+#[test]
+fn a_control_plane_policy_change_applies_to_a_kept_alive_connection() {
+    if !require_root("a_control_plane_policy_change_applies_to_a_kept_alive_connection") {
+        return;
+    }
+    policy_change_applies_to_a_kept_alive_connection("cpk-cp", Source::ControlPlane);
+}
+
+/// A destination the control plane knows only by its service name (its endpoint is B's app):
+/// requests to B's address with that name as `Host` (in any case, with or without the trailing
+/// dot) cross in mTLS with B's identity and follow the destination's routes.
+#[test]
+fn a_service_name_from_the_control_plane_is_meshed_and_routed_by_host() {
+    if !require_root("a_service_name_from_the_control_plane_is_meshed_and_routed_by_host") {
+        return;
+    }
+    let scene = Scene::start("cpn-cp", Workload::new("default", "server"), |names| {
+        let app = names.addr(APP_PORT);
+        Policies {
+            control: policy(
+                &[destination(
+                    &format!("{SERVICE}:{APP_PORT}"),
+                    Some((app, &names.server_id)),
+                    &[timeout_route("api-slow", "/slow", SHORT_TIMEOUT)],
+                )],
+                &[],
+            ),
+            file: NO_ROUTES.to_owned(),
+        }
+    });
+    let host = format!("{SERVICE}:{APP_PORT}");
+    assert_app_ok(&scene.get(scene.app_addr(), &host, "/hello"), "server", "by name");
+    assert_eq!(
+        scene.server.only_request_to("/hello").header("host"),
+        Some(host.as_str())
+    );
+    let client_id = scene.client.spiffe_id();
+    scene.b_admin().wait_at_least(&mesh_tls("inbound", &client_id), 1.0);
+    scene
+        .a_admin()
+        .wait_at_least(&mesh_tls("outbound", &scene.names.server_id), 1.0);
+    assert_eq!(
+        scene.b_admin().metrics().value(PLAINTEXT_INBOUND),
+        0.0,
+        "the request by name crossed in plaintext"
+    );
+
+    assert_request_timeout(&scene.get(scene.app_addr(), &host, &slow("by-name")), "by name");
+    let spelled = format!("API.Shop.svc.cluster.local.:{APP_PORT}");
+    assert_request_timeout(
+        &scene.get(scene.app_addr(), &spelled, &slow("spelled")),
+        &format!("by name spelled {spelled}"),
+    );
+    // By address, no destination is keyed by B's app: the name's routes do not apply.
+    assert_app_ok(
+        &scene.get_app(&slow("by-address")),
+        "server",
+        "by address, outside the name's routes",
+    );
+}
+
+/// For a destination the control plane knows, its routes win over A's route file; a destination
+/// only in the route file keeps the file's routes.
+#[test]
+fn the_control_plane_routes_win_over_the_route_file_for_destinations_it_knows() {
+    if !require_root("the_control_plane_routes_win_over_the_route_file_for_destinations_it_knows") {
+        return;
+    }
+    let scene = Scene::start("cpprec", Workload::new("default", "server"), |names| Policies {
+        // B's app: 5 s in the control plane (the slow answer fits), 200 ms in the file (it would not).
+        // Blue: not in the control plane's policy at all, 200 ms in the file.
+        control: policy(
+            &[
+                names.meshed(APP_PORT, &[timeout_route("control-slow", "/slow", "5s")]),
+                names.meshed(GREEN_PORT, &[]),
+            ],
+            &[APP_PORT, GREEN_PORT],
+        ),
+        file: policy(
+            &[
+                destination(
+                    &names.addr(APP_PORT).to_string(),
+                    None,
+                    &[timeout_route("file-slow", "/slow", SHORT_TIMEOUT)],
+                ),
+                destination(
+                    &names.addr(BLUE_PORT).to_string(),
+                    None,
+                    &[timeout_route("file-only", "/slow", SHORT_TIMEOUT)],
+                ),
+            ],
+            &[],
+        ),
+    });
+    let known = scene.get_app(&slow("known"));
+    assert_app_ok(&known, "server", "the control plane's 5 s route, not the file's 200 ms");
+    scene
+        .a_admin()
+        .wait_at_least(&outbound_requests("control-slow", 200), 1.0);
+    assert_eq!(
+        scene.a_admin().metrics().value(&outbound_requests("file-slow", 504)),
+        0.0
+    );
+
+    let blue = scene.names.addr(BLUE_PORT);
+    let unknown = scene.get(blue, &blue.to_string(), &slow("file-only"));
+    assert_request_timeout(&unknown, "a destination only in the route file");
+    scene.a_admin().wait_at_least(&outbound_requests("file-only", 504), 1.0);
 }
