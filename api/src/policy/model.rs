@@ -223,7 +223,10 @@ pub enum RetryCode {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendRef {
-    pub address: Authority,
+    /// `ip:port`: a proxy sends to a backend itself, so it must be an address. (A Kubernetes
+    /// control plane resolves a Service `backendRef` to its endpoints before sending.)
+    #[serde(deserialize_with = "backend_address")]
+    pub address: SocketAddr,
     #[serde(default = "one")]
     pub weight: u32,
 }
@@ -720,6 +723,17 @@ fn budget_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Err
         )));
     }
     Ok(ttl)
+}
+
+fn backend_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        Ok(_) => Err(serde::de::Error::custom(format!("`{s}`: port 0 is not a backend"))),
+        Err(_) => Err(serde::de::Error::custom(format!(
+            "backendRef `{s}` is not ip:port (backends are addresses; list a name's endpoints instead)"
+        ))),
+    }
 }
 
 fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

@@ -220,13 +220,18 @@ fn table() -> Vec<(&'static str, String, bool)> {
             true,
         ),
         (
-            "backendRefs by name",
+            "backendRefs are addresses, not names",
             with_route("backendRefs: [{ address: web-v2.shop.svc.cluster.local:80 }]"),
-            true,
+            false,
         ),
         (
             "backendRefs need a port",
-            with_route("backendRefs: [{ address: web-v2 }]"),
+            with_route("backendRefs: [{ address: 10.0.0.1 }]"),
+            false,
+        ),
+        (
+            "backendRefs have no port 0",
+            with_route("backendRefs: [{ address: 10.0.0.1:0 }]"),
             false,
         ),
         // Authorization.

@@ -180,6 +180,8 @@ impl Policy {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().unwrap_or(DEFAULT_PORT)),
             _ => (authority, DEFAULT_PORT),
         };
+        // Normalised as destination keys are: a fully qualified name's trailing dot is dropped.
+        let host = host.strip_suffix('.').unwrap_or(host);
         let ports = match self.by_host.get(host) {
             Some(ports) => ports,
             // Hosts are case-insensitive; lowercase only in the rare case that it matters.
@@ -321,12 +323,7 @@ impl Route {
             total = total
                 .checked_add(b.weight)
                 .ok_or_else(|| format!("backendRefs[{i}]: weights add up to more than {}", u32::MAX))?;
-            let address = b.address.as_str().parse::<SocketAddr>().map_err(|_| {
-                format!(
-                    "backendRefs[{i}]: {} is a name; this proxy sends to backends by ip:port",
-                    b.address
-                )
-            })?;
+            let address = b.address;
             backends.push((total, address));
         }
         if !spec.backend_refs.is_empty() && backends.is_empty() {

@@ -80,6 +80,15 @@ fn destinations_by_authority_then_address() {
         route_name(&p, Some("WEB.ns.svc:80"), &req("GET", "/api", &[])),
         "prefix-api"
     );
+    assert_eq!(
+        route_name(&p, Some("WEB.ns.svc.:80"), &req("GET", "/api", &[])),
+        "prefix-api",
+        "a fully qualified name's trailing dot"
+    );
+    assert_eq!(
+        route_name(&p, Some("web.ns.svc."), &req("GET", "/api", &[])),
+        "prefix-api"
+    );
     assert_eq!(route_name(&p, Some("other:80"), &r), "by-address");
     assert_eq!(route_name(&p, None, &r), "by-address");
     let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
