@@ -10,6 +10,7 @@ pub mod admin;
 pub mod allocator;
 pub mod app;
 pub mod authz;
+pub mod balance;
 pub mod config;
 pub mod conn_limit;
 pub mod control;
