@@ -10,6 +10,7 @@
 //! policy      the policy YAML: model, loading with line-numbered errors, reload on change
 //! identity_service / discovery_service   the gRPC services over those parts
 //! tls         the listener's own SPIFFE certificate (renewed in place) and the caller's identity
+//! k8s         Kubernetes mode: watched Services, EndpointSlices, Pods and HTTPRoutes as the same policy
 //! server      wires the services onto one listener (TLS or --plaintext), limits, graceful shutdown
 //! ```
 //!
@@ -23,6 +24,7 @@ pub mod diagnostics;
 pub mod discovery_service;
 pub mod identity_service;
 pub mod inject;
+pub mod k8s;
 pub mod kube_api;
 pub mod policy;
 pub mod rate_limit;

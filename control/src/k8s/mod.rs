@@ -1,0 +1,14 @@
+//! Kubernetes mode: discovery and routes from the cluster's own objects, served as the same
+//! [`Policy`](crate::policy::Policy) the policy file produces, so the discovery service and the
+//! proxies do not know which source they are fed from.
+//!
+//! ```text
+//! watch   kube-rs watchers (Services, EndpointSlices, Pods, Namespaces, HTTPRoutes) → index → publish
+//! index   watcher events → per-kind stores → one model Policy (pure, no I/O)
+//! route   a Gateway API HTTPRoute with a Service parentRef (GAMMA) → model routes, checked once
+//! ```
+
+pub mod index;
+pub mod route;
+
+pub use index::{Index, IndexConfig, Kind};
