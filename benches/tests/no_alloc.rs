@@ -136,3 +136,44 @@ fn route_metrics_recording_allocates_nothing_in_the_steady_state() {
     );
     assert_eq!(allocated, 0, "RouteMetrics::record_grpc allocated");
 }
+
+#[test]
+fn balancing_allocates_nothing_per_request_in_the_steady_state() {
+    use pillion_proxy::{
+        balance::{Balancer, BalancerSettings},
+        policy::Endpoint,
+    };
+    for n in [3, 100, 1_000] {
+        let endpoints: Vec<Endpoint> = (0..n)
+            .map(|i| Endpoint {
+                address: std::net::SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
+                identity: None,
+                weight: 1 + (i % 3) as u32,
+                protocol: Default::default(),
+            })
+            .collect();
+        let balancer = Balancer::new(BalancerSettings::default());
+        balancer.update(&endpoints);
+        let latency = Duration::from_micros(1_250);
+        // Warm-up: the first pick on a thread takes arc-swap's per-thread slot.
+        balancer.pick().expect("an endpoint").complete(latency, false);
+
+        let allocated = allocations_in(|| {
+            for i in 0..CALLS {
+                let picked = balancer.pick().expect("an endpoint");
+                black_box(picked.address());
+                if i % 10 == 0 {
+                    // A cancelled request: the handle is dropped without an outcome.
+                    drop(picked);
+                } else {
+                    picked.complete(black_box(latency), i % 7 == 0);
+                }
+            }
+        });
+        println!(
+            "Balancer::pick + complete, {n} endpoints: {allocated} allocations in {CALLS} calls ({:.3} per call)",
+            allocated as f64 / CALLS as f64
+        );
+        assert_eq!(allocated, 0, "{n} endpoints: {allocated} allocations in {CALLS} picks");
+    }
+}

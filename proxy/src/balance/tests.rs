@@ -198,6 +198,7 @@ async fn consecutive_failures_take_an_endpoint_out_and_a_success_resets_the_coun
         left >= Duration::from_secs(1) && left <= Duration::from_millis(1_500),
         "{left:?}"
     );
+    assert_eq!(status(&balancer, 1).backoff_ends, Some(Instant::now() + left));
 }
 
 #[tokio::test(start_paused = true)]
