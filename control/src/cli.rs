@@ -297,6 +297,15 @@ pub struct ServeArgs {
     #[arg(long, env = "PILLION_CONTROL_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
 
+    /// Kubernetes mode: discovery and routes from the cluster's Services, EndpointSlices, Pods and
+    /// Gateway API HTTPRoutes, through the API server (in-cluster config, else KUBECONFIG).
+    #[arg(long, env = "PILLION_CONTROL_KUBERNETES", value_parser = BoolishValueParser::new(), action = clap::ArgAction::SetTrue, conflicts_with = "policy")]
+    pub kubernetes: bool,
+
+    /// Kubernetes mode: the DNS suffix of Service names (`name.namespace.svc.<domain>`).
+    #[arg(long, env = "PILLION_CONTROL_CLUSTER_DOMAIN", default_value = "cluster.local", value_name = "DOMAIN", value_parser = parse_cluster_domain)]
+    pub cluster_domain: String,
+
     /// Serve the mutating admission webhook (HTTPS, path /inject) on this address; unset = no webhook.
     #[arg(long, env = "PILLION_CONTROL_WEBHOOK_ADDR", value_name = "ADDR", requires_all = ["webhook_cert", "webhook_key"])]
     pub webhook_addr: Option<SocketAddr>,
@@ -492,6 +501,15 @@ fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
         .map_err(|e: pillion_control::spiffe::InvalidName| e.to_string())
 }
 
+/// A DNS suffix: what makes `name.namespace.svc.<domain>:80` a valid destination.
+fn parse_cluster_domain(s: &str) -> Result<String, String> {
+    let domain = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    format!("name.namespace.svc.{domain}:80")
+        .parse::<Authority>()
+        .map(|_| domain)
+        .map_err(|_| "expected a DNS name such as cluster.local".to_string())
+}
+
 fn parse_spiffe_id(s: &str) -> Result<SpiffeId, String> {
     SpiffeId::try_from(s.to_string())
 }
@@ -684,6 +702,24 @@ mod tests {
             panic!("serve")
         };
         assert_eq!(args.inject.options().proxy_image, "r/p:1");
+    }
+
+    #[test]
+    fn kubernetes_mode_flags() {
+        let args = serve_args(&[]).unwrap();
+        assert!(!args.kubernetes, "the policy file is the default");
+        assert_eq!(args.cluster_domain, "cluster.local");
+        let args = serve_args(&["--kubernetes", "--cluster-domain=Corp.Example."]).unwrap();
+        assert!(args.kubernetes);
+        assert_eq!(args.cluster_domain, "corp.example");
+        let err = serve_args(&["--kubernetes", "--policy=p.yaml"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+        let err = serve_args(&["--cluster-domain=bad domain"]).unwrap_err();
+        let line = one_line(&err);
+        assert!(
+            line.contains("PILLION_CONTROL_CLUSTER_DOMAIN") && line.contains("bad domain"),
+            "{line}"
+        );
     }
 
     #[test]

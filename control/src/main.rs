@@ -18,6 +18,7 @@ use pillion_control::{
     ca::{self, CertificateAuthority},
     diagnostics,
     inject::{self, InjectOptions},
+    k8s::{IndexConfig, KubernetesSource},
     kube_api::{KubeApi, KubeApiConfig},
     policy::{Policy, PolicyWatch},
     server::{self, ControlPlane, Transport},
@@ -127,6 +128,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
     let shutdown = CancellationToken::new();
     let policy = match &args.policy {
+        None if args.kubernetes => kubernetes_policy(&args, shutdown.clone()).await?,
         Some(path) => PolicyWatch::load_and_watch(path.clone(), POLICY_POLL_INTERVAL, shutdown.clone())
             .map_err(|e| e.to_string())?,
         None => PolicyWatch::fixed(Policy::default()),
@@ -199,6 +201,30 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         Err(_) => {
             tracing::warn!("grace period over; exiting with calls still in flight");
             Ok(())
+        }
+    }
+}
+
+/// Kubernetes mode: the cluster's objects as the policy, once they have all been listed.
+async fn kubernetes_policy(args: &ServeArgs, shutdown: CancellationToken) -> Result<PolicyWatch, String> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| format!("--kubernetes: no in-cluster configuration and no usable kubeconfig: {e}"))?;
+    tracing::info!(api_server = %config.cluster_url, cluster_domain = %args.cluster_domain, "Kubernetes mode");
+    let client = kube::Client::try_from(config).map_err(|e| format!("--kubernetes: API server client: {e}"))?;
+    let source = KubernetesSource {
+        client,
+        config: IndexConfig {
+            cluster_domain: args.cluster_domain.clone(),
+            trust_domain: args.trust_domain.to_string(),
+        },
+    };
+    // Serving before the first list would answer every destination "unknown" (plaintext).
+    tokio::select! {
+        policy = source.start(shutdown.clone()) => policy.map_err(|e| e.to_string()),
+        _ = wait_for_signal() => {
+            shutdown.cancel();
+            Err("stopped before the cluster's objects were listed".to_string())
         }
     }
 }

@@ -10,5 +10,7 @@
 
 pub mod index;
 pub mod route;
+pub mod watch;
 
 pub use index::{Index, IndexConfig, Kind};
+pub use watch::KubernetesSource;

@@ -48,6 +48,11 @@ impl PolicyWatch {
         Ok(PolicyWatch { rx })
     }
 
+    /// A policy published by another source (the Kubernetes index) through `rx`.
+    pub fn from_receiver(rx: watch::Receiver<Arc<Policy>>) -> Self {
+        PolicyWatch { rx }
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Arc<Policy>> {
         self.rx.clone()
     }
