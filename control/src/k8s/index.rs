@@ -10,7 +10,9 @@
 //! a destination by name (`name.ns.svc.<cluster-domain>:port`) and one per ClusterIP
 //! (`ip:port`), with the ready endpoints (falling back to serving, terminating ones when none is
 //! ready, as kube-proxy does), each with a SPIFFE ID only when its pod runs our proxy, and the
-//! routes of the HTTPRoutes attached to it, their Service backends resolved to endpoints.
+//! routes of the HTTPRoutes attached to it, their Service backends resolved to endpoints. An
+//! endpoint whose Pod is not known (slices and pods are watched separately, so either may come
+//! first) is left out until it is: an endpoint without its identity would mean plaintext.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -373,7 +375,14 @@ impl Resolver<'_> {
                 };
                 for ip in &endpoint.addresses {
                     let pod = match &endpoint.pod {
-                        Some(name) => self.index.pods.current.get(&ObjectKey::new(&service.namespace, name)),
+                        Some(name) => match self.index.pods.current.get(&ObjectKey::new(&service.namespace, name)) {
+                            Some(pod) => Some(pod),
+                            // A pod not known yet (or no longer): its identity is unknown, and
+                            // serving it without one would send callers in plaintext to a
+                            // meshed pod. It joins once its Pod is seen.
+                            None => continue,
+                        },
+                        // No targetRef: a pod by its IP, else an address outside the cluster's pods.
                         None => self.pods_by_ip.get(&(service.namespace.as_str(), *ip)).copied(),
                     };
                     let address = SocketAddr::new(*ip, slice_port.port);

@@ -258,16 +258,15 @@ fn opaque_ports_from_service_and_pod_annotations() {
         [ProtocolHint::Opaque, ProtocolHint::Unknown, ProtocolHint::Unknown]
     );
 
-    // A bad annotation rejects the pod (with the reason), and its endpoint loses its identity.
+    // A bad annotation rejects the pod (with the reason); its endpoint is left out.
     let mut a = pod("shop", "web-a", &["10.0.0.1"], "web", true);
     a.metadata.annotations = Some([(OPAQUE_PORTS.to_string(), "9100-9000".to_string())].into());
     index.apply(Event::Apply(a));
     let reason = &index.rejected()[&(Kind::Pod, ObjectKey::new("shop", "web-a"))];
     assert!(reason.contains(OPAQUE_PORTS), "{reason}");
-    assert!(
-        index.policy().destinations[&key("10.96.0.10:80")].endpoints[0]
-            .identity
-            .is_none()
+    assert_eq!(
+        addresses(&index.policy().destinations[&key("10.96.0.10:80")]),
+        ["10.0.0.2:8080", "10.0.0.3:8080"]
     );
 }
 
@@ -277,9 +276,9 @@ fn deletions_remove_endpoints_identities_and_destinations() {
     assert!(index.apply(Event::Delete(pod("shop", "web-a", &["10.0.0.1"], "web", true))));
     let policy = index.policy();
     let d = &policy.destinations[&key("10.96.0.10:80")];
-    // The slice still lists it (the endpoints controller has not caught up): no identity is known.
-    assert_eq!(d.endpoints[0].address.to_string(), "10.0.0.1:8080");
-    assert!(d.endpoints[0].identity.is_none());
+    // The slice still lists it (the endpoints controller has not caught up): its identity is not
+    // known any more, so it is left out rather than served as plaintext.
+    assert_eq!(addresses(d), ["10.0.0.2:8080", "10.0.0.3:8080"]);
 
     index.apply(Event::Delete(slice("shop", "web-abc", "web", "IPv4", 8080, &[])));
     assert!(index.policy().destinations[&key("10.96.0.10:80")].endpoints.is_empty());
@@ -297,14 +296,12 @@ fn a_relist_replaces_a_kind_only_when_complete() {
     assert!(!index.apply(Event::InitApply(pod("shop", "web-b", &["10.0.0.2"], "web", true))));
     assert_eq!(index.policy(), before);
     assert!(index.apply(Event::<Pod>::InitDone));
-    // web-a and legacy were deleted while the watch was down.
+    // web-a and legacy were deleted while the watch was down; the slice has not caught up.
     let policy = index.policy();
-    let identities: Vec<bool> = policy.destinations[&key("10.96.0.10:80")]
-        .endpoints
-        .iter()
-        .map(|e| e.identity.is_some())
-        .collect();
-    assert_eq!(identities, [false, true, false]);
+    assert_eq!(
+        addresses(&policy.destinations[&key("10.96.0.10:80")]),
+        ["10.0.0.2:8080"]
+    );
     assert!(index.is_synced(&[Kind::Pod]));
     assert!(!index.is_synced(&[Kind::Pod, Kind::Service]));
 }

@@ -1,0 +1,281 @@
+//! `pillion-control serve --kubernetes` against the emulated API server (support/apiserver.rs):
+//! the process finds it through a kubeconfig, lists and watches the cluster's objects, and a
+//! Discovery `Watch` client sees, by service name and by ClusterIP, the Service's endpoints with
+//! identities only for pods running our proxy, an HTTPRoute's weighted split, and every change:
+//! a pod injected, a pod deleted, and changes made while the watches were down and the versions
+//! they would resume from compacted (410 Gone, so the control plane relists).
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+mod support;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use apiserver::ApiServer;
+use gateway_api::experimental::httproutes::HttpRoute;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use pillion_control::proto::{DestinationUpdate, WatchRequest, discovery_client::DiscoveryClient};
+use serde_json::{Value, json};
+use tonic::Streaming;
+
+const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const LEGACY_ID: &str = "spiffe://cluster.local/ns/shop/sa/legacy";
+
+fn object<K: serde::de::DeserializeOwned>(value: Value) -> K {
+    serde_json::from_value(value).unwrap()
+}
+
+fn service(name: &str, ip: &str) -> Service {
+    object(json!({
+        "metadata": { "namespace": "shop", "name": name },
+        "spec": { "clusterIP": ip, "clusterIPs": [ip], "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
+    }))
+}
+
+fn pod(name: &str, ip: &str, sa: &str, meshed: bool) -> Pod {
+    let mut init = vec![json!({ "name": "pillion-init", "image": "init" })];
+    if meshed {
+        init.push(json!({ "name": "pillion-proxy", "image": "proxy", "restartPolicy": "Always" }));
+    }
+    object(json!({
+        "metadata": { "namespace": "shop", "name": name },
+        "spec": { "serviceAccountName": sa, "initContainers": init, "containers": [{ "name": "app", "image": "app" }] },
+        "status": { "podIP": ip, "podIPs": [{ "ip": ip }] },
+    }))
+}
+
+/// The EndpointSlice of `service`: (ip, pod) pairs, all ready.
+fn slice(service: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, pod)| {
+            json!({ "addresses": [ip], "conditions": { "ready": true },
+                    "targetRef": { "kind": "Pod", "namespace": "shop", "name": pod } })
+        })
+        .collect();
+    object(json!({
+        "metadata": { "namespace": "shop", "name": format!("{service}-1"),
+                      "labels": { "kubernetes.io/service-name": service } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": endpoints,
+    }))
+}
+
+fn split_route() -> HttpRoute {
+    object(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": { "namespace": "shop", "name": "web-split" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": "web", "port": 80 }],
+            "rules": [{
+                "matches": [{ "path": { "type": "PathPrefix", "value": "/api" } }],
+                "timeouts": { "request": "5s" },
+                "backendRefs": [
+                    { "name": "web-stable", "port": 80, "weight": 80 },
+                    { "name": "web-canary", "port": 80, "weight": 20 },
+                ],
+            }],
+        },
+    }))
+}
+
+/// shop/web: web-a (meshed) and legacy (not injected); web-stable and web-canary behind a route.
+fn populate(api: &ApiServer) {
+    api.apply(&object::<Namespace>(json!({ "metadata": { "name": "shop" } })));
+    api.apply(&service("web", "10.96.0.10"));
+    api.apply(&pod("web-a", "10.0.0.1", "web", true));
+    api.apply(&pod("legacy", "10.0.0.2", "legacy", false));
+    api.apply(&slice("web", &[("10.0.0.1", "web-a"), ("10.0.0.2", "legacy")]));
+    api.apply(&service("web-stable", "10.96.0.11"));
+    api.apply(&pod("stable-1", "10.0.1.1", "web", true));
+    api.apply(&slice("web-stable", &[("10.0.1.1", "stable-1")]));
+    api.apply(&service("web-canary", "10.96.0.12"));
+    api.apply(&pod("canary-1", "10.0.2.1", "web", true));
+    api.apply(&slice("web-canary", &[("10.0.2.1", "canary-1")]));
+    api.apply(&split_route());
+}
+
+/// The control-plane process, killed by its PID when the test ends.
+struct ControlPlane {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_control_plane(api: &ApiServer, dir: &support::TempDir) -> ControlPlane {
+    std::fs::write(dir.path("kubeconfig"), api.kubeconfig()).unwrap();
+    std::fs::write(dir.path("tokens.yaml"), "[]\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_pillion-control");
+    let ca = dir.path("ca");
+    let status = Command::new(bin)
+        .args(["ca", "init", "--out"])
+        .arg(&ca)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(bin);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PILLION_") || key.starts_with("KUBERNETES_") {
+            cmd.env_remove(key);
+        }
+    }
+    let child = cmd
+        .args(["serve", "--kubernetes", "--plaintext", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--issuer-cert")
+        .arg(ca.join("issuer.crt"))
+        .arg("--issuer-key")
+        .arg(ca.join("issuer.key"))
+        .arg("--trust-anchors")
+        .arg(ca.join("root.crt"))
+        .arg("--tokens")
+        .arg(dir.path("tokens.yaml"))
+        .env("KUBECONFIG", dir.path("kubeconfig"))
+        .env("PILLION_LOG", "info,pillion_control=debug")
+        .spawn()
+        .unwrap();
+    ControlPlane {
+        child,
+        addr: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Connects once the control plane listens (it binds only after the cluster is listed).
+async fn connect(plane: &ControlPlane) -> DiscoveryClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match DiscoveryClient::connect(plane.addr.clone()).await {
+            Ok(client) => return client,
+            Err(e) if Instant::now() > deadline => panic!("control plane not serving: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn open(
+    client: &mut DiscoveryClient<tonic::transport::Channel>,
+    destination: &str,
+) -> Streaming<DestinationUpdate> {
+    client
+        .watch(WatchRequest {
+            destination: destination.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Reads updates until one satisfies `want` (intermediate states may come first).
+async fn until(
+    stream: &mut Streaming<DestinationUpdate>,
+    what: &str,
+    want: impl Fn(&DestinationUpdate) -> bool,
+) -> DestinationUpdate {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(update))) if want(&update) => return update,
+            Ok(Ok(Some(_))) => continue,
+            Ok(other) => panic!("{what}: stream ended: {other:?}"),
+            Err(_) => panic!("{what}: no such update within 20s"),
+        }
+    }
+}
+
+fn endpoints(update: &DestinationUpdate) -> Vec<(&str, &str)> {
+    update
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.identity.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_follows_the_cluster() {
+    let api = ApiServer::start().await;
+    populate(&api);
+    let dir = support::TempDir::new("kubernetes-mode");
+    let plane = start_control_plane(&api, &dir);
+    let mut client = connect(&plane).await;
+
+    let mut by_name = open(&mut client, "web.shop.svc.cluster.local:80").await;
+    let mut by_ip = open(&mut client, "10.96.0.10:80").await;
+    let first = until(&mut by_name, "initial state by name", |u| u.known).await;
+    assert_eq!(
+        endpoints(&first),
+        [("10.0.0.1:8080", WEB_ID), ("10.0.0.2:8080", "")],
+        "identity only for the pod running our proxy"
+    );
+    let route = &first.routes[0];
+    assert_eq!(route.name, "shop/web-split/0");
+    let split: Vec<(&str, u32)> = route
+        .backend_refs
+        .iter()
+        .map(|b| (b.address.as_str(), b.weight))
+        .collect();
+    assert_eq!(split, [("10.0.1.1:8080", 80), ("10.0.2.1:8080", 20)]);
+    let first_by_ip = until(&mut by_ip, "initial state by ClusterIP", |u| u.known).await;
+    assert_eq!(endpoints(&first_by_ip), endpoints(&first));
+    assert_eq!(first_by_ip.routes, first.routes);
+
+    // The legacy pod is injected: its endpoint gets its identity.
+    api.apply(&pod("legacy", "10.0.0.2", "legacy", true));
+    let update = until(&mut by_name, "identity after injection", |u| {
+        endpoints(u).contains(&("10.0.0.2:8080", LEGACY_ID))
+    })
+    .await;
+    assert_eq!(update.endpoints.len(), 2);
+
+    // web-a is deleted: the pod, then its endpoint, as the endpoints controller does.
+    let deleted = Instant::now();
+    api.delete::<Pod>("shop", "web-a");
+    api.apply(&slice("web", &[("10.0.0.2", "legacy")]));
+    let update = until(&mut by_ip, "endpoint removed", |u| u.endpoints.len() == 1).await;
+    eprintln!("deleted pod left the ClusterIP stream after {:?}", deleted.elapsed());
+    assert_eq!(endpoints(&update), [("10.0.0.2:8080", LEGACY_ID)]);
+
+    // The watches drop; meanwhile a pod comes back and the canary goes away; the versions the
+    // control plane would resume from are compacted, so it must relist to see them.
+    api.pause_watches();
+    api.apply(&pod("web-a", "10.0.0.1", "web", true));
+    api.apply(&slice("web", &[("10.0.0.1", "web-a"), ("10.0.0.2", "legacy")]));
+    api.delete::<Service>("shop", "web-canary");
+    api.compact();
+    api.resume_watches();
+    let update = until(&mut by_name, "state after relist", |u| {
+        u.routes.first().is_some_and(|r| r.backend_refs.len() == 1) && u.endpoints.len() == 2
+    })
+    .await;
+    // Never an endpoint of a meshed pod without its identity, whichever kind relisted first.
+    assert_eq!(
+        endpoints(&update),
+        [("10.0.0.1:8080", WEB_ID), ("10.0.0.2:8080", LEGACY_ID)]
+    );
+    assert_eq!(update.routes[0].backend_refs[0].address, "10.0.1.1:8080");
+
+    // Deleting the Service makes both of its names unknown.
+    api.delete::<Service>("shop", "web");
+    until(&mut by_ip, "service deleted", |u| !u.known).await;
+    until(&mut by_name, "service deleted", |u| !u.known).await;
+    drop(plane);
+}

@@ -1,0 +1,548 @@
+//! A test-only emulation of the Kubernetes API server's list/watch protocol over HTTP, for the
+//! kinds the control plane reads (Namespaces, Pods, Services, EndpointSlices, HTTPRoutes).
+//!
+//! What it does as kube-apiserver does (checked against the official Python client and kube-rs):
+//! one resourceVersion counter for every object; LIST with `limit`/`continue` pages (a continue
+//! token older than the last compaction is `410 Gone`); WATCH as a chunked stream of JSON lines
+//! (`ADDED`/`MODIFIED`/`DELETED`, `BOOKMARK` when asked, `timeoutSeconds`), replaying the events
+//! after the requested resourceVersion; a watch from a compacted version is answered 200 and one
+//! `ERROR` event carrying a `Status` with code 410, which is what makes clients relist.
+//! Objects are serialized from the k8s-openapi / gateway-api types themselves.
+//!
+//! Test controls: [`ApiServer::pause_watches`] ends every open watch and holds new ones (an API
+//! server restart), [`ApiServer::compact`] makes every past version too old, and
+//! [`ApiServer::resume_watches`] lets the held watches through. Not emulated: discovery documents,
+//! label and field selectors, writes over HTTP (tests write through [`ApiServer::apply`]), and the
+//! status subresource (a test writes a pod's status as the kubelet would).
+
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A kind the emulation serves.
+struct ResourceType {
+    /// `/api/v1` or `/apis/<group>/<version>`.
+    prefix: &'static str,
+    plural: &'static str,
+    kind: &'static str,
+    api_version: &'static str,
+    namespaced: bool,
+}
+
+const RESOURCES: [ResourceType; 5] = [
+    ResourceType {
+        prefix: "/api/v1",
+        plural: "namespaces",
+        kind: "Namespace",
+        api_version: "v1",
+        namespaced: false,
+    },
+    ResourceType {
+        prefix: "/api/v1",
+        plural: "pods",
+        kind: "Pod",
+        api_version: "v1",
+        namespaced: true,
+    },
+    ResourceType {
+        prefix: "/api/v1",
+        plural: "services",
+        kind: "Service",
+        api_version: "v1",
+        namespaced: true,
+    },
+    ResourceType {
+        prefix: "/apis/discovery.k8s.io/v1",
+        plural: "endpointslices",
+        kind: "EndpointSlice",
+        api_version: "discovery.k8s.io/v1",
+        namespaced: true,
+    },
+    ResourceType {
+        prefix: "/apis/gateway.networking.k8s.io/v1",
+        plural: "httproutes",
+        kind: "HTTPRoute",
+        api_version: "gateway.networking.k8s.io/v1",
+        namespaced: true,
+    },
+];
+
+/// The emulated API server, serving on a loopback port until dropped.
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Bumped on every change, pause and resume: open watches look again.
+    notify: watch::Sender<u64>,
+    bookmark_interval: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    resource_version: u64,
+    /// Versions below this are gone from the "watch cache".
+    compacted: u64,
+    /// Open watches end, new ones wait, while set.
+    paused: bool,
+    /// Bumped by a pause: watches opened before it end.
+    generation: u64,
+    objects: HashMap<&'static str, BTreeMap<(String, String), Value>>,
+    /// Every event: (version, plural, type, object).
+    log: Vec<(u64, &'static str, &'static str, Value)>,
+    uid: u64,
+}
+
+impl ApiServer {
+    pub async fn start() -> ApiServer {
+        Self::start_with(Duration::from_millis(500)).await
+    }
+
+    /// `bookmark_interval`: how often a watch that asked for bookmarks gets one.
+    pub async fn start_with(bookmark_interval: Duration) -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                resource_version: 100,
+                ..State::default()
+            }),
+            notify: watch::channel(0).0,
+            bookmark_interval,
+        });
+        let serving = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let shared = serving.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        ApiServer { addr, shared, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig that points clients here.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulated\n  cluster:\n    server: {}\nusers:\n- name: test\n  user:\n    token: test-token\ncontexts:\n- name: emulated\n  context:\n    cluster: emulated\n    user: test\ncurrent-context: emulated\n",
+            self.url()
+        )
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
+    pub fn apply<K>(&self, object: &K) -> u64
+    where
+        K: kube::Resource<DynamicType = ()> + serde::Serialize,
+    {
+        let plural = plural_of::<K>();
+        let mut value = serde_json::to_value(object).unwrap();
+        value["apiVersion"] = json!(K::api_version(&()));
+        value["kind"] = json!(K::kind(&()));
+        let key = key_of(&value);
+        let mut state = self.shared.state.lock().unwrap();
+        state.resource_version += 1;
+        state.uid += 1;
+        let rv = state.resource_version;
+        let uid = state.uid;
+        let objects = state.objects.entry(plural).or_default();
+        let previous = objects.get(&key).cloned();
+        let meta = &mut value["metadata"];
+        meta["resourceVersion"] = json!(rv.to_string());
+        match &previous {
+            Some(p) => {
+                meta["uid"] = p["metadata"]["uid"].clone();
+                meta["creationTimestamp"] = p["metadata"]["creationTimestamp"].clone();
+            }
+            None => {
+                meta["uid"] = json!(format!("00000000-0000-0000-0000-{uid:012}"));
+                if meta.get("creationTimestamp").is_none_or(Value::is_null) {
+                    meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                }
+            }
+        }
+        objects.insert(key, value.clone());
+        let kind = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+        state.log.push((rv, plural, kind, value));
+        drop(state);
+        self.shared.notify.send_modify(|n| *n += 1);
+        rv
+    }
+
+    /// Deletes an object (DELETED, carrying its last state at a new version).
+    pub fn delete<K>(&self, namespace: &str, name: &str) -> bool
+    where
+        K: kube::Resource<DynamicType = ()>,
+    {
+        let plural = plural_of::<K>();
+        let mut state = self.shared.state.lock().unwrap();
+        let key = (namespace.to_string(), name.to_string());
+        let Some(mut value) = state.objects.entry(plural).or_default().remove(&key) else {
+            return false;
+        };
+        state.resource_version += 1;
+        let rv = state.resource_version;
+        value["metadata"]["resourceVersion"] = json!(rv.to_string());
+        state.log.push((rv, plural, "DELETED", value));
+        drop(state);
+        self.shared.notify.send_modify(|n| *n += 1);
+        true
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.shared.state.lock().unwrap().resource_version
+    }
+
+    /// Every version before the current one becomes too old to watch from (410).
+    pub fn compact(&self) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.compacted = state.resource_version;
+    }
+
+    /// Ends every open watch and holds new ones until [`resume_watches`](Self::resume_watches).
+    pub fn pause_watches(&self) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.paused = true;
+        state.generation += 1;
+        drop(state);
+        self.shared.notify.send_modify(|n| *n += 1);
+    }
+
+    pub fn resume_watches(&self) {
+        self.shared.state.lock().unwrap().paused = false;
+        self.shared.notify.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Open watch streams end when their connection tasks see the server gone.
+        self.pause_watches();
+    }
+}
+
+fn plural_of<K: kube::Resource<DynamicType = ()>>() -> &'static str {
+    let kind = K::kind(&());
+    RESOURCES
+        .iter()
+        .find(|r| r.kind == kind)
+        .map(|r| r.plural)
+        .unwrap_or_else(|| panic!("the emulated API server does not serve {kind}"))
+}
+
+fn key_of(value: &Value) -> (String, String) {
+    let meta = &value["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or_default().to_string(),
+        meta["name"].as_str().expect("metadata.name").to_string(),
+    )
+}
+
+/// Which resource a path names, and the namespace it is limited to.
+fn route(path: &str) -> Option<(&'static ResourceType, Option<String>)> {
+    for resource in &RESOURCES {
+        let Some(rest) = path.strip_prefix(resource.prefix) else {
+            continue;
+        };
+        let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
+        match segments.as_slice() {
+            [plural] if *plural == resource.plural => return Some((resource, None)),
+            ["namespaces", ns, plural] if *plural == resource.plural && resource.namespaced => {
+                return Some((resource, Some(ns.to_string())));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some((resource, namespace)) = route(req.uri().path()) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} not found", req.uri().path()),
+        );
+    };
+    if req.method() != http::Method::GET {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "only list and watch are emulated",
+        );
+    }
+    let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    if watching {
+        watch_stream(shared, resource, namespace, &query).await
+    } else {
+        list(&shared, resource, namespace, &query)
+    }
+}
+
+fn list(
+    shared: &Shared,
+    resource: &'static ResourceType,
+    namespace: Option<String>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let state = shared.state.lock().unwrap();
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
+    // The continue token: the list's version and the last key returned.
+    let (list_rv, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let Some((rv, key)) = token
+                .split_once('|')
+                .and_then(|(rv, key)| Some((rv.parse::<u64>().ok()?, key)))
+            else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "invalid continue token");
+            };
+            if rv < state.compacted {
+                return status(
+                    StatusCode::GONE,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result.",
+                );
+            }
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            (rv, Some((ns.to_string(), name.to_string())))
+        }
+        None => (state.resource_version, None),
+    };
+    let empty = BTreeMap::new();
+    let objects = state.objects.get(resource.plural).unwrap_or(&empty);
+    let mut items: Vec<(&(String, String), &Value)> = objects
+        .iter()
+        .filter(|((ns, _), _)| namespace.as_ref().is_none_or(|want| want == ns))
+        .filter(|(key, _)| after.as_ref().is_none_or(|after| *key > after))
+        .collect();
+    let mut next = String::new();
+    if let Some(limit) = limit
+        && items.len() > limit
+    {
+        items.truncate(limit);
+        let (ns, name) = items[limit - 1].0;
+        next = format!("{list_rv}|{ns}/{name}");
+    }
+    let mut metadata = json!({ "resourceVersion": list_rv.to_string() });
+    if !next.is_empty() {
+        metadata["continue"] = json!(next);
+        metadata["remainingItemCount"] = json!(objects.len().saturating_sub(items.len()));
+    }
+    let body = json!({
+        "kind": format!("{}List", resource.kind),
+        "apiVersion": resource.api_version,
+        "metadata": metadata,
+        "items": items.into_iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+async fn watch_stream(
+    shared: Arc<Shared>,
+    resource: &'static ResourceType,
+    namespace: Option<String>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    // A paused server holds new watches, as a restarting one would not answer yet.
+    let mut notify = shared.notify.subscribe();
+    while shared.state.lock().unwrap().paused {
+        if notify.changed().await.is_err() {
+            return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "shutting down");
+        }
+    }
+    let from = query
+        .get("resourceVersion")
+        .filter(|rv| !rv.is_empty() && rv.as_str() != "0")
+        .map(|rv| rv.parse::<u64>());
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(256);
+    let line = |value: Value| {
+        let mut text = serde_json::to_vec(&value).unwrap();
+        text.push(b'\n');
+        Ok(Frame::data(Bytes::from(text)))
+    };
+    let in_scope = move |obj: &Value| {
+        namespace
+            .as_deref()
+            .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+    };
+    let (mut last, generation, initial) = {
+        let state = shared.state.lock().unwrap();
+        match from {
+            Some(Err(_)) => return status(StatusCode::BAD_REQUEST, "BadRequest", "invalid resourceVersion"),
+            Some(Ok(rv)) if rv < state.compacted => {
+                // kube-apiserver's watch cache: 200, then one ERROR event, then the end.
+                let gone = json!({ "type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("too old resource version: {rv} ({})", state.compacted),
+                    "reason": "Expired", "code": 410,
+                }});
+                let _ = tx.try_send(line(gone));
+                drop(tx);
+                return streaming(rx);
+            }
+            Some(Ok(rv)) => (rv, state.generation, Vec::new()),
+            // No version: the current objects as ADDED, then what follows.
+            None => {
+                let objects: Vec<Value> = state
+                    .objects
+                    .get(resource.plural)
+                    .map(|o| o.values().filter(|v| in_scope(v)).cloned().collect())
+                    .unwrap_or_default();
+                (state.resource_version, state.generation, objects)
+            }
+        }
+    };
+    tokio::spawn(async move {
+        for object in initial {
+            if tx
+                .send(line(json!({ "type": "ADDED", "object": object })))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut ticks = tokio::time::interval(shared.bookmark_interval);
+        ticks.tick().await;
+        let mut bookmark_due = false;
+        loop {
+            let (events, now, ended) = {
+                let state = shared.state.lock().unwrap();
+                let events: Vec<(&'static str, Value)> = state
+                    .log
+                    .iter()
+                    .filter(|(rv, plural, _, obj)| *rv > last && *plural == resource.plural && in_scope(obj))
+                    .map(|(_, _, kind, obj)| (*kind, obj.clone()))
+                    .collect();
+                (events, state.resource_version, state.generation != generation)
+            };
+            if ended {
+                return;
+            }
+            for (kind, object) in events {
+                if tx.send(line(json!({ "type": kind, "object": object }))).await.is_err() {
+                    return;
+                }
+            }
+            last = last.max(now);
+            if bookmark_due {
+                bookmark_due = false;
+                let bookmark = json!({ "type": "BOOKMARK", "object": {
+                    "kind": resource.kind, "apiVersion": resource.api_version,
+                    "metadata": { "resourceVersion": last.to_string(),
+                                  "annotations": { "k8s.io/initial-events-end": "true" } },
+                }});
+                if tx.send(line(bookmark)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = notify.changed() => if changed.is_err() { return },
+                _ = ticks.tick(), if bookmarks => bookmark_due = true,
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    streaming(rx)
+}
+
+fn streaming(rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(StreamBody::new(ReceiverStream::new(rx)).boxed())
+        .unwrap()
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())).boxed())
+        .unwrap()
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    json_response(code, &body)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
