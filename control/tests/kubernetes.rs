@@ -279,3 +279,23 @@ async fn kubernetes_mode_follows_the_cluster() {
     until(&mut by_name, "service deleted", |u| !u.known).await;
     drop(plane);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_gateway_api_crds_services_are_still_served() {
+    let api = ApiServer::start_without(Duration::from_millis(500), &["httproutes"]).await;
+    api.apply(&object::<Namespace>(json!({ "metadata": { "name": "shop" } })));
+    api.apply(&service("web", "10.96.0.10"));
+    api.apply(&pod("web-a", "10.0.0.1", "web", true));
+    api.apply(&slice("web", &[("10.0.0.1", "web-a")]));
+    let dir = support::TempDir::new("kubernetes-no-routes");
+    let plane = start_control_plane(&api, &dir);
+    let mut client = connect(&plane).await;
+    let mut by_ip = open(&mut client, "10.96.0.10:80").await;
+    let first = until(&mut by_ip, "initial state", |u| u.known).await;
+    assert_eq!(endpoints(&first), [("10.0.0.1:8080", WEB_ID)]);
+    assert!(first.routes.is_empty());
+    // An address nothing names is unknown: the proxy forwards it to the original destination.
+    let mut unknown = open(&mut client, "10.96.9.9:80").await;
+    assert!(!until(&mut unknown, "unknown address", |_| true).await.known);
+    drop(plane);
+}

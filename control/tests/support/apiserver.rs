@@ -95,6 +95,8 @@ struct Shared {
     /// Bumped on every change, pause and resume: open watches look again.
     notify: watch::Sender<u64>,
     bookmark_interval: Duration,
+    /// Resources answered 404, as by an API server without their CRD.
+    missing: Vec<&'static str>,
 }
 
 #[derive(Default)]
@@ -119,6 +121,11 @@ impl ApiServer {
 
     /// `bookmark_interval`: how often a watch that asked for bookmarks gets one.
     pub async fn start_with(bookmark_interval: Duration) -> ApiServer {
+        Self::start_without(bookmark_interval, &[]).await
+    }
+
+    /// An API server that does not serve the `missing` resources (plural names): no CRD for them.
+    pub async fn start_without(bookmark_interval: Duration, missing: &[&'static str]) -> ApiServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -128,6 +135,7 @@ impl ApiServer {
             }),
             notify: watch::channel(0).0,
             bookmark_interval,
+            missing: missing.to_vec(),
         });
         let serving = shared.clone();
         let task = tokio::spawn(async move {
@@ -298,7 +306,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 .collect()
         })
         .unwrap_or_default();
-    let Some((resource, namespace)) = route(req.uri().path()) else {
+    let found = route(req.uri().path()).filter(|(r, _)| !shared.missing.contains(&r.plural));
+    let Some((resource, namespace)) = found else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
