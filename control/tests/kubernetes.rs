@@ -282,7 +282,7 @@ async fn kubernetes_mode_follows_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_gateway_api_crds_services_are_still_served() {
-    let api = ApiServer::start_without(Duration::from_millis(500), &["httproutes"]).await;
+    let api = ApiServer::start_without(Duration::from_millis(500), &["httproutes", "grpcroutes"]).await;
     api.apply(&object::<Namespace>(json!({ "metadata": { "name": "shop" } })));
     api.apply(&service("web", "10.96.0.10"));
     api.apply(&pod("web-a", "10.0.0.1", "web", true));

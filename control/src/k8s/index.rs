@@ -10,16 +10,17 @@
 //! a destination by name (`name.ns.svc.<cluster-domain>:port`) and one per ClusterIP
 //! (`ip:port`), with the ready endpoints (falling back to serving, terminating ones when none is
 //! ready, as kube-proxy does), each with a SPIFFE ID only when its pod runs our proxy, and the
-//! routes of the HTTPRoutes attached to it, their Service backends resolved to endpoints. An
-//! endpoint whose Pod is not known (slices and pods are watched separately, so either may come
-//! first) is left out until it is: an endpoint without its identity would mean plaintext.
+//! routes of the HTTPRoutes and GRPCRoutes attached to it, their Service backends resolved to
+//! endpoints. An endpoint whose Pod is not known (slices and pods are watched separately, so
+//! either may come first) is left out until it is: an endpoint without its identity would mean
+//! plaintext.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
-use gateway_api::experimental::httproutes::HttpRoute;
+use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -63,6 +64,7 @@ pub enum Kind {
     Pod,
     Namespace,
     HttpRoute,
+    GrpcRoute,
 }
 
 /// Watched objects, each kind in its own store.
@@ -73,6 +75,7 @@ pub struct Index {
     pods: Store<PodInfo>,
     namespaces: Store<NamespaceInfo>,
     routes: Store<HttpRouteInfo>,
+    grpc_routes: Store<HttpRouteInfo>,
     rejected: BTreeMap<(Kind, ObjectKey), String>,
     synced: HashSet<Kind>,
 }
@@ -188,6 +191,7 @@ impl Index {
             pods: Store::default(),
             namespaces: Store::default(),
             routes: Store::default(),
+            grpc_routes: Store::default(),
             rejected: BTreeMap::new(),
             synced: HashSet::new(),
         }
@@ -327,7 +331,8 @@ impl Index {
 
     /// Routes per parent Service, in Gateway API order (oldest first, then by name).
     fn routes_by_parent(&self) -> HashMap<&ObjectKey, Vec<(&HttpRouteInfo, Option<u16>)>> {
-        let mut ordered: Vec<(&ObjectKey, &HttpRouteInfo)> = self.routes.current.iter().collect();
+        let mut ordered: Vec<(&ObjectKey, &HttpRouteInfo)> =
+            self.routes.current.iter().chain(&self.grpc_routes.current).collect();
         ordered.sort_by(|a, b| (a.1.created, a.0).cmp(&(b.1.created, b.0)));
         let mut by_parent: HashMap<&ObjectKey, Vec<(&HttpRouteInfo, Option<u16>)>> = HashMap::new();
         for (_, route) in ordered {
@@ -726,6 +731,19 @@ impl Indexed for HttpRoute {
 
     fn store(index: &mut Index) -> &mut Store<HttpRouteInfo> {
         &mut index.routes
+    }
+}
+
+impl Indexed for GrpcRoute {
+    const KIND: Kind = Kind::GrpcRoute;
+    type Info = HttpRouteInfo;
+
+    fn parse(&self) -> Result<HttpRouteInfo, String> {
+        HttpRouteInfo::parse_grpc(self)
+    }
+
+    fn store(index: &mut Index) -> &mut Store<HttpRouteInfo> {
+        &mut index.grpc_routes
     }
 }
 

@@ -540,3 +540,66 @@ fn every_destination_crosses_the_wire_as_the_proxy_reads_it() {
         assert_eq!(read.as_ref(), Some(destination), "{key}");
     }
 }
+
+#[test]
+fn a_grpc_route_matches_methods_as_paths_and_splits_like_an_http_route() {
+    use gateway_api::experimental::grpcroutes::GrpcRoute;
+    let mut index = canary_cluster();
+    index.apply(Event::Apply(canary_route()));
+    let grpc: GrpcRoute = object(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GRPCRoute",
+        "metadata": { "namespace": "shop", "name": "web-split", "creationTimestamp": "2026-01-02T00:00:00Z" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": "web" }],
+            "rules": [{
+                "matches": [
+                    { "method": { "service": "shop.Cart", "method": "Get" } },
+                    { "method": { "service": "shop.Cart" }, "headers": [{ "name": "x-env", "value": "canary" }] },
+                    { "method": { "method": "Get.All" } },
+                    { "method": { "type": "RegularExpression", "service": "shop\\.(Cart|Order)" } },
+                ],
+                "backendRefs": [{ "name": "web-canary", "port": 80 }],
+            }],
+        },
+    }));
+    index.apply(Event::Apply(grpc));
+    assert!(index.rejected().is_empty(), "{:?}", index.rejected());
+    let policy = index.policy();
+    let routes = &policy.destinations[&key("10.96.0.10:80")].routes;
+    let names: Vec<&str> = routes.iter().map(|r| r.name.0.as_str()).collect();
+    // The older HTTPRoute first; the same name as a GRPCRoute does not collide.
+    assert_eq!(
+        names,
+        ["shop/web-split/0", "shop/web-split/rest", "grpcroute/shop/web-split/0"]
+    );
+    let grpc = &routes[2];
+    let paths: Vec<&PathMatch> = grpc.matches.iter().filter_map(|m| m.path.as_ref()).collect();
+    assert_eq!(
+        paths,
+        [
+            &PathMatch::Exact("/shop.Cart/Get".to_string()),
+            &PathMatch::Prefix("/shop.Cart".to_string()),
+            &PathMatch::Regex("/[^/]+/Get\\.All".to_string()),
+            &PathMatch::Regex("/(?:shop\\.(Cart|Order))/(?:[^/]+)".to_string()),
+        ]
+    );
+    assert_eq!(grpc.matches[1].headers[0].name, "x-env");
+    let backends: Vec<String> = grpc.backend_refs.iter().map(|b| b.address.to_string()).collect();
+    assert_eq!(backends, ["10.0.2.1:8080"]);
+
+    // A match that names nothing, and a filter, are refused.
+    let bad: GrpcRoute = object(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GRPCRoute",
+        "metadata": { "namespace": "shop", "name": "bad" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": "web" }],
+            "rules": [{ "matches": [{ "method": { "type": "Exact" } }] }],
+        },
+    }));
+    index.apply(Event::Apply(bad));
+    let reason = &index.rejected()[&(Kind::GrpcRoute, ObjectKey::new("shop", "bad"))];
+    assert!(reason.contains("neither a service nor a method"), "{reason}");
+    assert_eq!(index.policy().destinations[&key("10.96.0.10:80")].routes.len(), 3);
+}

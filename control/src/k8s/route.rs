@@ -1,5 +1,6 @@
-//! A Gateway API `HTTPRoute` whose `parentRefs` name a Service (the GAMMA mesh pattern), checked
-//! once when it is applied and kept as model routes plus the Services its `backendRefs` name.
+//! A Gateway API `HTTPRoute` or `GRPCRoute` whose `parentRefs` name a Service (the GAMMA mesh
+//! pattern), checked once when it is applied and kept as model routes plus the Services its
+//! `backendRefs` name.
 //!
 //! The rules' matches, timeouts and retry are rewritten in the policy file's words and read by the
 //! model's own deserializer, so a route from the cluster passes exactly the checks a route in the
@@ -12,7 +13,10 @@
 //! another namespace (consumer routes and ReferenceGrants are not supported), backendRefs that
 //! are not Services or have no port, weights outside 0..=1000000 or all 0.
 
-use gateway_api::experimental::httproutes::{HttpRoute, HttpRouteRules};
+use gateway_api::experimental::{
+    grpcroutes::{GrpcRoute, GrpcRouteRulesMatches, GrpcRouteRulesMatchesMethodType},
+    httproutes::{HttpRoute, HttpRouteRules},
+};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use pillion_api::policy::model::Route;
@@ -59,6 +63,51 @@ impl HttpRouteInfo {
     /// Checks an HTTPRoute; `Err` is the reason it is not served. A route that names no Service
     /// parent (a north-south route for some Gateway) is not ours and yields no parents.
     pub fn parse(route: &HttpRoute) -> Result<HttpRouteInfo, String> {
+        Self::parse_named(route, "")
+    }
+
+    /// A GRPCRoute, as the HTTPRoute it amounts to: a method match is a match on the request
+    /// path (`/<service>/<method>`), headers are headers. Its route names start `grpcroute/`, so
+    /// they never collide with an HTTPRoute's (`<ns>/<name>/<rule>`, one segment fewer).
+    pub fn parse_grpc(route: &GrpcRoute) -> Result<HttpRouteInfo, String> {
+        let mut rules = Vec::new();
+        for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
+            let at = |e: String| format!("rules[{i}]: {e}");
+            let filtered = rule.filters.iter().flatten().next().is_some()
+                || rule
+                    .backend_refs
+                    .iter()
+                    .flatten()
+                    .any(|b| b.filters.iter().flatten().next().is_some());
+            if filtered {
+                return Err(at("filters are not supported".to_string()));
+            }
+            let matches = rule
+                .matches
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(j, m)| grpc_match(m).map_err(|e| at(format!("matches[{j}]: {e}"))))
+                .collect::<Result<Vec<Value>, String>>()?;
+            let mut backends = to_json(&rule.backend_refs)?;
+            if let Value::Array(refs) = &mut backends {
+                for r in refs.iter_mut().filter_map(Value::as_object_mut) {
+                    r.remove("filters");
+                }
+            }
+            rules.push(json!({ "name": rule.name, "matches": matches, "backendRefs": backends }));
+        }
+        let http: HttpRoute = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": to_json(&route.metadata)?,
+            "spec": { "parentRefs": to_json(&route.spec.parent_refs)?, "rules": rules },
+        }))
+        .map_err(|e| e.to_string())?;
+        Self::parse_named(&http, "grpcroute/")
+    }
+
+    fn parse_named(route: &HttpRoute, prefix: &str) -> Result<HttpRouteInfo, String> {
         let namespace = route.namespace().unwrap_or_default();
         let name = route.name_any();
         let mut parents = Vec::new();
@@ -88,7 +137,7 @@ impl HttpRouteInfo {
         if !parents.is_empty() {
             for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
                 let rule_name = rule.name.clone().unwrap_or_else(|| i.to_string());
-                let info = parse_rule(rule, &namespace, &format!("{namespace}/{name}/{rule_name}"))
+                let info = parse_rule(rule, &namespace, &format!("{prefix}{namespace}/{name}/{rule_name}"))
                     .map_err(|e| format!("rules[{i}]: {e}"))?;
                 rules.push(info);
             }
@@ -177,6 +226,36 @@ fn parse_rule(rule: &HttpRouteRules, namespace: &str, route_name: &str) -> Resul
         return Err("every backendRef has weight 0".to_string());
     }
     Ok(RuleInfo { route, backends })
+}
+
+/// A GRPCRoute match in HTTPRoute words. Exact names may not hold `/`, which would change which
+/// path segments they name; regular expressions are grouped so an alternation stays in its segment.
+fn grpc_match(m: &GrpcRouteRulesMatches) -> Result<Value, String> {
+    let mut out = Map::new();
+    if let Some(method) = &m.method {
+        let regex = matches!(method.r#type, Some(GrpcRouteRulesMatchesMethodType::RegularExpression));
+        let (service, name) = (method.service.as_deref(), method.method.as_deref());
+        if !regex && [service, name].into_iter().flatten().any(|s| s.contains('/')) {
+            return Err("an exact service or method name contains `/`".to_string());
+        }
+        let path = match (regex, service, name) {
+            (_, None, None) => return Err("a method match names neither a service nor a method".to_string()),
+            (false, Some(s), Some(m)) => json!({ "type": "Exact", "value": format!("/{s}/{m}") }),
+            (false, Some(s), None) => json!({ "type": "PathPrefix", "value": format!("/{s}") }),
+            (false, None, Some(m)) => {
+                json!({ "type": "RegularExpression", "value": format!("/[^/]+/{}", regex::escape(m)) })
+            }
+            (true, s, m) => json!({
+                "type": "RegularExpression",
+                "value": format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+            }),
+        };
+        out.insert("path".into(), path);
+    }
+    if let Some(headers) = &m.headers {
+        out.insert("headers".into(), to_json(headers)?);
+    }
+    Ok(Value::Object(out))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, String> {

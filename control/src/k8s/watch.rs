@@ -1,6 +1,7 @@
-//! Watching the cluster: one kube-rs watcher per kind (list, then watch from the list's
-//! resourceVersion, relisting with backoff after errors or `410 Gone`), all feeding one
-//! [`Index`], whose policy is published to the discovery service as a [`PolicyWatch`].
+//! Watching the cluster: one kube-rs watcher per kind (Services, EndpointSlices, Pods,
+//! Namespaces, and HTTPRoutes and GRPCRoutes when the API server serves them): list, then watch
+//! from the list's resourceVersion, relisting with backoff after errors or `410 Gone`; all feed
+//! one [`Index`], whose policy is published to the discovery service as a [`PolicyWatch`].
 //!
 //! One task owns the index, so no lock is shared with the gRPC streams: they only read the
 //! published `Arc<Policy>`. Events that arrive together are applied together and published once
@@ -11,7 +12,7 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, Stream, StreamExt, stream::select_all};
-use gateway_api::experimental::httproutes::HttpRoute;
+use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -59,13 +60,13 @@ impl KubernetesSource {
         ];
         // Like Linkerd, watch routes only when the API server serves them: a watcher of a
         // missing resource would fail forever and the first sync would never complete.
-        if http_routes_served(&self.client).await {
+        if served::<HttpRoute>(&self.client).await {
             kinds.push(Kind::HttpRoute);
             streams.push(updates::<HttpRoute>(&self.client));
-        } else {
-            tracing::warn!(
-                "the API server does not serve gateway.networking.k8s.io/v1 HTTPRoutes; routes are not watched (install the Gateway API CRDs and restart)"
-            );
+        }
+        if served::<GrpcRoute>(&self.client).await {
+            kinds.push(Kind::GrpcRoute);
+            streams.push(updates::<GrpcRoute>(&self.client));
         }
         let (synced_tx, synced_rx) = oneshot::channel();
         tokio::spawn(follow(
@@ -160,11 +161,22 @@ where
     Box::pin(stream)
 }
 
-/// Whether HTTPRoutes can be listed: `false` only when the API server says it has none (404).
-async fn http_routes_served(client: &Client) -> bool {
-    let api: Api<HttpRoute> = Api::all(client.clone());
+/// Whether a route kind can be listed: `false` only when the API server says it has none (404).
+async fn served<K>(client: &Client) -> bool
+where
+    K: Indexed + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::all(client.clone());
     let listed = api.list(&ListParams::default().limit(1)).await;
-    !matches!(listed, Err(kube::Error::Api(status)) if status.code == 404)
+    let missing = matches!(listed, Err(kube::Error::Api(status)) if status.code == 404);
+    if missing {
+        let kind = K::kind(&K::DynamicType::default()).into_owned();
+        tracing::warn!(
+            "the API server does not serve gateway.networking.k8s.io/v1 {kind}s; they are not watched (install the Gateway API CRDs and restart)"
+        );
+    }
+    !missing
 }
 
 #[cfg(test)]

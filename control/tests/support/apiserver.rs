@@ -1,5 +1,5 @@
 //! A test-only emulation of the Kubernetes API server's list/watch protocol over HTTP, for the
-//! kinds the control plane reads (Namespaces, Pods, Services, EndpointSlices, HTTPRoutes).
+//! kinds the control plane reads (Namespaces, Pods, Services, EndpointSlices, HTTP and gRPC routes).
 //!
 //! What it does as kube-apiserver does (checked against the official Python client and kube-rs):
 //! one resourceVersion counter for every object; LIST with `limit`/`continue` pages (a continue
@@ -45,7 +45,7 @@ struct ResourceType {
     namespaced: bool,
 }
 
-const RESOURCES: [ResourceType; 5] = [
+const RESOURCES: [ResourceType; 6] = [
     ResourceType {
         prefix: "/api/v1",
         plural: "namespaces",
@@ -78,6 +78,13 @@ const RESOURCES: [ResourceType; 5] = [
         prefix: "/apis/gateway.networking.k8s.io/v1",
         plural: "httproutes",
         kind: "HTTPRoute",
+        api_version: "gateway.networking.k8s.io/v1",
+        namespaced: true,
+    },
+    ResourceType {
+        prefix: "/apis/gateway.networking.k8s.io/v1",
+        plural: "grpcroutes",
+        kind: "GRPCRoute",
         api_version: "gateway.networking.k8s.io/v1",
         namespaced: true,
     },
