@@ -63,8 +63,8 @@ pub enum EndpointState {
 pub struct Stats {
     /// The peak-EWMA estimate and when it was last updated, packed so that both change in one
     /// compare-and-swap: high 32 bits the RTT in nanoseconds as an `f32`, low 32 bits the update
-    /// time in milliseconds since the epoch (wrapping after 49 days: an estimate untouched that
-    /// long may be read as fresh once, which only affects its ranking until its next sample).
+    /// time in milliseconds since the epoch (wrapping: an estimate untouched for over 24 days may
+    /// be read as fresh, which only affects its ranking until its next sample).
     rtt: AtomicU64,
     in_flight: AtomicU32,
     requests: AtomicU64,
@@ -103,7 +103,7 @@ impl Default for Clock {
 impl Stats {
     pub fn new(default_rtt: Duration, now: u64) -> Self {
         Stats {
-            rtt: AtomicU64::new(pack(default_rtt.as_nanos() as f64, now)),
+            rtt: AtomicU64::new(pack(default_rtt.as_secs_f64() * 1e9, now)),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -182,16 +182,22 @@ impl Stats {
         }
     }
 
-    /// A request's outcome: a latency sample, then failure accrual.
-    pub fn complete(&self, probe: bool, latency: Duration, failed: bool, tuning: &Tuning) {
-        let now = tuning.clock.now();
-        self.sample(latency.as_nanos() as f64, failed, now, tuning.decay_ns);
+    /// A request's outcome: a latency sample, then failure accrual. The request was sent at
+    /// `sent` (ns since the epoch), so it ended at `sent + latency`: one clock read per request
+    /// instead of two (a read costs ~40 ns, a fifth of a decision).
+    pub fn complete(&self, probe: bool, sent: u64, latency: Duration, failed: bool, tuning: &Tuning) {
+        let latency_ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        let now = sent.saturating_add(latency_ns);
+        self.sample(latency_ns as f64, failed, now, tuning.decay_ns);
         self.in_flight.fetch_sub(1, Relaxed);
         if failed {
             self.failed(probe, now, &tuning.accrual);
         } else {
-            // A success anywhere ends a run of failures.
-            self.consecutive_failures.store(0, Relaxed);
+            // A success anywhere ends a run of failures. Read first: most requests succeed, and
+            // a store would take the cache line from every other core picking this endpoint.
+            if self.consecutive_failures.load(Relaxed) != 0 {
+                self.consecutive_failures.store(0, Relaxed);
+            }
             if probe {
                 // Back into rotation; the next run of failures starts from the shortest backoff.
                 self.backoffs.store(0, Relaxed);
@@ -289,6 +295,9 @@ fn millis(ns: u64) -> u32 {
     (ns / NANOS_PER_MILLI) as u32
 }
 
+/// Time since `stamp_ms`, or 0 if the stamp is ahead of `now` (a completion is stamped with its
+/// send time plus the latency the caller reported, which may run a little ahead of the clock).
 fn elapsed_ns(stamp_ms: u32, now: u64) -> f64 {
-    (millis(now).wrapping_sub(stamp_ms) as f64) * NANOS_PER_MILLI as f64
+    let elapsed = millis(now).wrapping_sub(stamp_ms) as i32;
+    f64::from(elapsed.max(0)) * NANOS_PER_MILLI as f64
 }

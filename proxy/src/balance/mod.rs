@@ -109,6 +109,8 @@ pub struct Picked {
     list: Arc<List>,
     index: usize,
     probe: bool,
+    /// When it was picked (ns since the balancer's epoch).
+    sent: u64,
     done: bool,
 }
 
@@ -360,6 +362,7 @@ impl Balancer {
             list: Arc::clone(list),
             index: i,
             probe,
+            sent: now,
             done: false,
         })
     }
@@ -380,14 +383,14 @@ impl Picked {
         self.probe
     }
 
-    /// Reports the outcome: `latency` until the response (or the error), and whether the caller
-    /// counts it as a failure (a connect error, a 5xx, as configured).
+    /// Reports the outcome: `latency` from the pick until the response (or the error), and
+    /// whether the caller counts it as a failure (a connect error, a 5xx, as configured).
     pub fn complete(mut self, latency: Duration, failed: bool) {
         self.done = true;
         let list = &self.list;
         list.slots[self.index]
             .stats
-            .complete(self.probe, latency, failed, &list.tuning);
+            .complete(self.probe, self.sent, latency, failed, &list.tuning);
     }
 }
 

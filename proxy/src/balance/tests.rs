@@ -75,13 +75,11 @@ async fn simulate(
     counts
 }
 
-/// Fails `n` requests in a row on the only endpoint that `pick` offers.
+/// Fails `n` requests in a row on the only endpoint that `pick` offers, at once: the paused clock
+/// does not move, so backoffs start now.
 fn fail(balancer: &Balancer, n: u32) {
     for _ in 0..n {
-        balancer
-            .pick()
-            .expect("in rotation")
-            .complete(Duration::from_millis(1), true);
+        balancer.pick().expect("in rotation").complete(Duration::ZERO, true);
     }
 }
 
@@ -218,7 +216,7 @@ async fn backoff_doubles_on_each_failed_probe_up_to_the_cap() {
         assert_eq!(balancer.state_counts().probing, 1);
         let probe = balancer.pick().expect("the probe");
         assert!(probe.is_probe());
-        probe.complete(Duration::from_millis(1), true);
+        probe.complete(Duration::ZERO, true);
         base = (base * 2).min(max);
     }
 }
@@ -269,15 +267,12 @@ async fn outcomes_of_requests_sent_before_the_trip_do_not_end_the_backoff() {
 
 #[tokio::test(start_paused = true)]
 async fn traffic_avoids_an_endpoint_in_backoff_and_every_one_out_is_an_error() {
-    let balancer = balancer(&[endpoint(1, 1), endpoint(2, 1), endpoint(3, 1)]);
-    // Trip endpoint 1 by failing whatever is picked there.
-    let mut failures = 0;
-    while failures < 7 {
-        let picked = balancer.pick().expect("an endpoint");
-        let failed = picked.address() == addr(1);
-        failures += u32::from(failed);
-        picked.complete(Duration::from_millis(1), failed);
-    }
+    // Trip endpoint 1 while it is alone (with others, the latency estimate its failures keep
+    // high would already steer requests away from it), then add two more.
+    let balancer = balancer(&[endpoint(1, 1)]);
+    fail(&balancer, 7);
+    balancer.update(&[endpoint(1, 1), endpoint(2, 1), endpoint(3, 1)]);
+    assert_eq!(balancer.state_counts().backoff, 1, "kept across the update");
     for _ in 0..1_000 {
         let picked = balancer.pick().expect("an endpoint");
         assert_ne!(picked.address(), addr(1));
@@ -285,7 +280,10 @@ async fn traffic_avoids_an_endpoint_in_backoff_and_every_one_out_is_an_error() {
     }
     // Now trip the other two.
     let mut failures = [0, 0];
-    while failures != [7, 7] {
+    for _ in 0..1_000 {
+        if failures == [7, 7] {
+            break;
+        }
         let picked = balancer.pick().expect("an endpoint");
         let i = usize::from(picked.address() == addr(3));
         failures[i] += 1;
@@ -306,14 +304,16 @@ async fn traffic_avoids_an_endpoint_in_backoff_and_every_one_out_is_an_error() {
 
 #[tokio::test(start_paused = true)]
 async fn an_update_keeps_the_statistics_of_addresses_that_remain() {
-    let balancer = balancer(&[endpoint(1, 1), endpoint(2, 1)]);
-    for _ in 0..20 {
-        let picked = balancer.pick().expect("an endpoint");
-        let slow = picked.address() == addr(1);
-        picked.complete(Duration::from_millis(if slow { 80 } else { 2 }), slow);
+    let balancer = balancer(&[endpoint(1, 1)]);
+    for _ in 0..3 {
+        balancer
+            .pick()
+            .expect("an endpoint")
+            .complete(Duration::from_millis(80), true);
     }
+    balancer.update(&[endpoint(1, 1), endpoint(2, 1)]);
     let before = status(&balancer, 1);
-    assert!(before.requests > 0 && before.consecutive_failures > 0);
+    assert_eq!((before.requests, before.consecutive_failures), (3, 3));
     // A request to endpoint 2 is in flight when 2 is removed.
     let to_removed = loop {
         let picked = balancer.pick().expect("an endpoint");
