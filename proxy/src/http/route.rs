@@ -65,7 +65,20 @@ pub struct RouteCtx {
 pub struct ConnDiscovery {
     discovery: Arc<Discovery>,
     dst: Mutex<Option<Handle>>,
-    named: Mutex<Option<(Authority, Handle)>>,
+    named: Mutex<Option<Named>>,
+}
+
+/// The last authority a connection's requests named, as written, and its handle (`None`: it
+/// names no destination, e.g. an IP literal or an invalid host).
+struct Named {
+    raw: Box<str>,
+    handle: Option<Handle>,
+}
+
+/// The destination a request's authority names: normalised, with the default port; an IP literal
+/// names no more than the address the app dialled.
+fn named_destination(raw: &str) -> Option<Authority> {
+    Authority::from_request(raw, DEFAULT_PORT).filter(|a| a.socket_addr().is_none())
 }
 
 /// The answers a request is routed by: for the name it used (if a name) and for the address.
@@ -89,17 +102,24 @@ impl ConnDiscovery {
         }
     }
 
-    /// The settled answers for `name` and `dst`, or the handles to wait on.
-    fn answers(&self, name: Option<&Authority>, dst: SocketAddr) -> Result<Answers, Pending> {
+    /// The settled answers for the request's authority (`raw`, as written in `Host` or
+    /// `:authority`) and `dst`, or the handles to wait on. The authority is parsed only when it
+    /// differs from the connection's last one, so the steady state allocates nothing.
+    fn answers(&self, raw: Option<&str>, dst: SocketAddr) -> Result<Answers, Pending> {
         let dst_handle = self.held(&self.dst, || self.discovery.handle_addr(dst));
-        let named_handle = name.and_then(|name| {
+        let named_handle = raw.and_then(|raw| {
             let mut held = self.named.lock().ok()?;
             match &*held {
-                Some((held_name, handle)) if held_name == name && !handle.is_dropped() => Some(handle.clone()),
+                Some(named) if &*named.raw == raw && named.handle.as_ref().is_none_or(|h| !h.is_dropped()) => {
+                    named.handle.clone()
+                }
                 _ => {
-                    let handle = self.discovery.handle(name)?;
-                    *held = Some((name.clone(), handle.clone()));
-                    Some(handle)
+                    let handle = named_destination(raw).and_then(|name| self.discovery.handle(&name));
+                    *held = Some(Named {
+                        raw: raw.into(),
+                        handle: handle.clone(),
+                    });
+                    handle
                 }
             }
         });
@@ -179,12 +199,17 @@ impl RouteLayer {
     /// Routes `req` by the file and the control plane's `answers`.
     fn route(&self, req: &mut ProxyRequest, answers: Option<&Answers>) {
         let policy = self.policy.load();
-        let authority = authority(req);
         let named = answers.and_then(|a| a.named.as_ref()).and_then(known);
         // 1-5 of the module's precedence.
         let destination = match named {
             Some(routes) => routes,
-            None => match authority.and_then(|a| policy.destination_by_authority(a)) {
+            // The Host lookup is only worth doing when the file names some destination by host.
+            None => match policy
+                .routes_by_host()
+                .then(|| authority(req))
+                .flatten()
+                .and_then(|a| policy.destination_by_authority(a))
+            {
                 Some(routes) => routes,
                 None => match answers.and_then(|a| known(&a.dst)) {
                     Some(routes) => routes,
@@ -276,11 +301,7 @@ where
             self.layer.route(&mut req, None);
             return RoutingFuture::Ready(self.inner.call(req));
         };
-        let name = authority(&req)
-            .and_then(|a| Authority::from_request(a, DEFAULT_PORT))
-            // An IP literal in Host names no more than the address the app dialled.
-            .filter(|a| a.socket_addr().is_none());
-        match conn.answers(name.as_ref(), self.layer.dst) {
+        match conn.answers(authority(&req), self.layer.dst) {
             Ok(answers) => {
                 self.layer.route(&mut req, Some(&answers));
                 RoutingFuture::Ready(self.inner.call(req))
