@@ -116,8 +116,9 @@ impl Drop for ControlPlane {
     }
 }
 
-fn start_control_plane(api: &ApiServer, dir: &support::TempDir) -> ControlPlane {
-    std::fs::write(dir.path("kubeconfig"), api.kubeconfig()).unwrap();
+/// Starts `pillion-control serve --kubernetes` with `kubeconfig` (written into `dir`).
+fn start_control_plane(kubeconfig: &str, dir: &support::TempDir) -> ControlPlane {
+    std::fs::write(dir.path("kubeconfig"), kubeconfig).unwrap();
     std::fs::write(dir.path("tokens.yaml"), "[]\n").unwrap();
     let bin = env!("CARGO_BIN_EXE_pillion-control");
     let ca = dir.path("ca");
@@ -212,10 +213,13 @@ fn endpoints(update: &DestinationUpdate) -> Vec<(&str, &str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_mode_follows_the_cluster() {
-    let api = ApiServer::start().await;
+    // HTTPS, as every API server: the control plane's kube client verifies it with the
+    // kubeconfig's CA, over rustls with aws-lc-rs.
+    let (ca_pem, cert_pem, key_pem) = support::serving_cert();
+    let api = ApiServer::start_tls(&cert_pem, &key_pem).await;
     populate(&api);
     let dir = support::TempDir::new("kubernetes-mode");
-    let plane = start_control_plane(&api, &dir);
+    let plane = start_control_plane(&api.kubeconfig_with_ca(&ca_pem), &dir);
     let mut client = connect(&plane).await;
 
     let mut by_name = open(&mut client, "web.shop.svc.cluster.local:80").await;
@@ -288,7 +292,7 @@ async fn without_the_gateway_api_crds_services_are_still_served() {
     api.apply(&pod("web-a", "10.0.0.1", "web", true));
     api.apply(&slice("web", &[("10.0.0.1", "web-a")]));
     let dir = support::TempDir::new("kubernetes-no-routes");
-    let plane = start_control_plane(&api, &dir);
+    let plane = start_control_plane(&api.kubeconfig(), &dir);
     let mut client = connect(&plane).await;
     let mut by_ip = open(&mut client, "10.96.0.10:80").await;
     let first = until(&mut by_ip, "initial state", |u| u.known).await;

@@ -9,6 +9,7 @@
 //! `ERROR` event carrying a `Status` with code 410, which is what makes clients relist.
 //! Objects are serialized from the k8s-openapi / gateway-api types themselves.
 //!
+//! It serves plain HTTP, or HTTPS with a given certificate ([`ApiServer::start_tls`]).
 //! Test controls: [`ApiServer::pause_watches`] ends every open watch and holds new ones (an API
 //! server restart), [`ApiServer::compact`] makes every past version too old, and
 //! [`ApiServer::resume_watches`] lets the held watches through. Not emulated: discovery documents,
@@ -95,6 +96,7 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    https: bool,
 }
 
 struct Shared {
@@ -133,6 +135,34 @@ impl ApiServer {
 
     /// An API server that does not serve the `missing` resources (plural names): no CRD for them.
     pub async fn start_without(bookmark_interval: Duration, missing: &[&'static str]) -> ApiServer {
+        Self::start_full(bookmark_interval, missing, None).await
+    }
+
+    /// Serving HTTPS with this certificate chain and key (PEM), as a real API server does;
+    /// [`kubeconfig_with_ca`](Self::kubeconfig_with_ca) tells clients the CA.
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> ApiServer {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        Self::start_full(Duration::from_millis(500), &[], Some(acceptor)).await
+    }
+
+    async fn start_full(
+        bookmark_interval: Duration,
+        missing: &[&'static str],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> ApiServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -145,32 +175,52 @@ impl ApiServer {
             missing: missing.to_vec(),
         });
         let serving = shared.clone();
+        let https = tls.is_some();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
                 let shared = serving.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                serve_connection(stream, shared).await;
+                            }
+                        }
+                        None => serve_connection(tcp, shared).await,
+                    }
                 });
             }
         });
-        ApiServer { addr, shared, task }
+        ApiServer {
+            addr,
+            shared,
+            task,
+            https,
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// A kubeconfig that points clients here.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_lines("")
+    }
+
+    /// A kubeconfig that points clients here and trusts `ca_pem` for the server's certificate.
+    pub fn kubeconfig_with_ca(&self, ca_pem: &str) -> String {
+        use base64::Engine;
+        let data = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+        self.kubeconfig_lines(&format!("    certificate-authority-data: {data}\n"))
+    }
+
+    fn kubeconfig_lines(&self, cluster_extra: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulated\n  cluster:\n    server: {}\nusers:\n- name: test\n  user:\n    token: test-token\ncontexts:\n- name: emulated\n  context:\n    cluster: emulated\n    user: test\ncurrent-context: emulated\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulated\n  cluster:\n    server: {}\n{cluster_extra}users:\n- name: test\n  user:\n    token: test-token\ncontexts:\n- name: emulated\n  context:\n    cluster: emulated\n    user: test\ncurrent-context: emulated\n",
             self.url()
         )
     }
@@ -265,6 +315,19 @@ impl Drop for ApiServer {
         // Open watch streams end when their connection tasks see the server gone.
         self.pause_watches();
     }
+}
+
+async fn serve_connection<IO>(io: IO, shared: Arc<Shared>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
 }
 
 fn plural_of<K: kube::Resource<DynamicType = ()>>() -> &'static str {
