@@ -301,5 +301,21 @@ async fn without_the_gateway_api_crds_services_are_still_served() {
     // An address nothing names is unknown: the proxy forwards it to the original destination.
     let mut unknown = open(&mut client, "10.96.9.9:80").await;
     assert!(!until(&mut unknown, "unknown address", |_| true).await.known);
-    drop(plane);
+
+    // SIGTERM: the watchers stop with the server, and the process exits 0.
+    let mut plane = plane;
+    let status = Command::new("kill")
+        .args(["-TERM", &plane.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = plane.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "still running 20s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit}");
 }
