@@ -7,12 +7,15 @@
 //! default. With a control plane configured and no answer from it yet, the answer is no: an
 //! unreachable control plane must not open ports it would have closed.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 pub use pillion_api::policy::model::Authorization;
 
 use crate::{
-    discovery::{Discovery, Handle},
+    discovery::{Discovery, Handle, lock},
     policy::reload::SharedPolicy,
     tls::spiffe::SpiffeId,
 };
@@ -28,7 +31,8 @@ pub struct Authorizer {
 /// request's decision reads it without a shared lock.
 pub struct PortPolicy {
     app: SocketAddr,
-    handle: Option<Handle>,
+    /// Replaced (from its last answer) if discovery drops the destination while the connection lives.
+    handle: Mutex<Option<Handle>>,
 }
 
 impl Authorizer {
@@ -36,20 +40,21 @@ impl Authorizer {
     pub fn port(&self, app: SocketAddr) -> PortPolicy {
         PortPolicy {
             app,
-            handle: self.discovery.as_ref().and_then(|d| d.handle_addr(app)),
+            handle: Mutex::new(self.discovery.as_ref().and_then(|d| d.handle_addr(app))),
         }
     }
 
     /// A connection's decision: the first one for a port waits briefly for the control plane.
     pub async fn connection(&self, app: SocketAddr, client: Option<&SpiffeId>) -> bool {
-        let mut port = self.port(app);
-        self.resolve(&mut port).await;
+        let port = self.port(app);
+        self.resolve(&port).await;
         self.decide(&port, client)
     }
 
     /// Waits (the first time for a port, briefly) for the control plane's answer.
-    pub async fn resolve(&self, port: &mut PortPolicy) {
-        if let Some(handle) = &mut port.handle {
+    pub async fn resolve(&self, port: &PortPolicy) {
+        let handle = lock(&port.handle).clone();
+        if let Some(mut handle) = handle {
             handle.resolve().await;
         }
     }
@@ -57,10 +62,18 @@ impl Authorizer {
     /// The decision against the latest known policies, without waiting.
     pub fn decide(&self, port: &PortPolicy, client: Option<&SpiffeId>) -> bool {
         if let Some(discovery) = &self.discovery {
-            let answer = match &port.handle {
-                Some(handle) if !handle.is_dropped() => handle.latest(),
-                // Made room for while the connection was open: follow it again.
-                _ => discovery.handle_addr(port.app).and_then(|h| h.latest()),
+            let answer = {
+                let mut held = lock(&port.handle);
+                match &*held {
+                    Some(handle) if !handle.is_dropped() => handle.latest(),
+                    // Made room for while the connection was open: follow it again, from the
+                    // answer last seen.
+                    previous => {
+                        let seed = previous.as_ref().and_then(Handle::latest);
+                        *held = discovery.handle_seeded(&port.app.into(), seed);
+                        held.as_ref().and_then(Handle::latest)
+                    }
+                }
             };
             match answer {
                 None => return false,

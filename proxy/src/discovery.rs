@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
     time::Duration,
 };
 
@@ -166,11 +166,23 @@ impl Discovery {
 
     /// A handle to `destination`, following it if nobody does yet. Locks the shared map once.
     pub fn handle(&self, destination: &Authority) -> Option<Handle> {
-        let mut watches = self.watches.lock().ok()?;
+        self.handle_seeded(destination, None)
+    }
+
+    /// A handle to the destination `ip:port`.
+    pub fn handle_addr(&self, addr: SocketAddr) -> Option<Handle> {
+        self.handle(&Authority::from(addr))
+    }
+
+    /// [`handle`](Self::handle) for a holder whose handle was dropped: a destination followed
+    /// anew starts from `seed`, the answer the dropped handle last saw, so the last known state
+    /// stays in force until the control plane answers again (never a fall back to plaintext).
+    pub fn handle_seeded(&self, destination: &Authority, seed: Answer) -> Option<Handle> {
+        let mut watches = lock(&self.watches);
         let now = Instant::now();
         if !watches.contains_key(destination) {
             self.make_room(&mut watches, now);
-            watches.insert(destination.clone(), self.start(destination, now));
+            watches.insert(destination.clone(), self.start(destination, now, seed));
             self.destinations.set(watches.len() as i64);
         }
         let watch = watches.get_mut(destination)?;
@@ -181,11 +193,6 @@ impl Discovery {
         })
     }
 
-    /// A handle to the destination `ip:port`.
-    pub fn handle_addr(&self, addr: SocketAddr) -> Option<Handle> {
-        self.handle(&Authority::from(addr))
-    }
-
     /// The latest answer for `addr`, waiting for the first one at most `first_answer_wait`.
     /// For one-off decisions (an opaque connection); a connection that asks again per request
     /// holds a [`Handle`] instead.
@@ -194,8 +201,8 @@ impl Discovery {
     }
 
     /// Opens the stream for a new destination.
-    fn start(&self, destination: &Authority, now: Instant) -> Watch {
-        let (tx, _) = watch::channel(None);
+    fn start(&self, destination: &Authority, now: Instant, seed: Answer) -> Watch {
+        let (tx, _) = watch::channel(seed);
         let follower = self.client.clone().map(|client| {
             let metrics = self.metrics.clone();
             tokio::spawn(follow(client, destination.clone(), tx.clone(), metrics)).abort_handle()
@@ -274,9 +281,7 @@ async fn evict_unused(discovery: Weak<Discovery>) {
         let Some(discovery) = discovery.upgrade() else {
             return;
         };
-        if let Ok(mut watches) = discovery.watches.lock() {
-            discovery.drop_unused(&mut watches, Instant::now());
-        }
+        discovery.drop_unused(&mut lock(&discovery.watches), Instant::now());
     }
 }
 
@@ -347,6 +352,12 @@ fn compile(update: &DestinationUpdate, metrics: &HttpMetrics) -> Result<Target, 
         routes: Some(Arc::new(policy::Destination::compile(destination, metrics)?)),
         authorization,
     })
+}
+
+/// A poisoned lock (a panic elsewhere while holding it) still guards consistent data here: every
+/// critical section is a map or slot update. Treating it as "no answer" would mean plaintext.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -139,8 +139,8 @@ fn an_update_compiles_into_routes_and_endpoints() {
     let route = routes.route(&req);
     assert_eq!(&*route.name, "slow");
     assert_eq!(route.request_timeout, Some(Duration::from_millis(200)));
-    // Weight 0 is out of rotation; the identity with a dotted service account is kept.
-    assert_eq!(routes.endpoints.len(), 1);
+    // Weight 0 is out of rotation but still listed; the dotted service account is kept.
+    assert_eq!(routes.endpoints.len(), 2);
     let ep: SocketAddr = "10.0.0.7:8080".parse().unwrap();
     assert_eq!(
         target.identity(ep).map(SpiffeId::as_str),
@@ -187,4 +187,17 @@ fn an_invalid_update_is_refused_by_the_files_rules() {
 
 fn prost_types_duration(seconds: i64, nanos: i32) -> prost_types::Duration {
     prost_types::Duration { seconds, nanos }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destination_followed_again_starts_from_the_last_answer_seen() {
+    let d = Discovery::for_test(settings(1));
+    let held = d.handle(&key(443)).unwrap();
+    assert!(d.answer(&key(443), Target::default()));
+    let _other = d.handle(&key(1)).unwrap();
+    assert!(held.is_dropped());
+    // The control plane is silent now: the fresh handle keeps what the dropped one knew,
+    // instead of waiting and then deciding with no answer (plaintext).
+    let fresh = d.handle_seeded(&key(443), held.latest()).unwrap();
+    assert!(matches!(fresh.settled(), Some(Some(_))));
 }

@@ -35,10 +35,10 @@ use tower::{Layer, Service, retry::budget::TpsBudget};
 
 use super::ProxyRequest;
 use crate::{
-    discovery::{Answer, Discovery, Handle, Target},
+    discovery::{Answer, Discovery, Handle, Target, lock},
     mesh::Security,
     metrics::Direction,
-    policy::{Destination, Route, reload::SharedPolicy},
+    policy::{Destination, Endpoint, Route, reload::SharedPolicy},
 };
 
 /// An authority without a port means port 80: the mesh carries plaintext HTTP.
@@ -106,22 +106,25 @@ impl ConnDiscovery {
     /// `:authority`) and `dst`, or the handles to wait on. The authority is parsed only when it
     /// differs from the connection's last one, so the steady state allocates nothing.
     fn answers(&self, raw: Option<&str>, dst: SocketAddr) -> Result<Answers, Pending> {
-        let dst_handle = self.held(&self.dst, || self.discovery.handle_addr(dst));
+        let dst_handle = self.held(&self.dst, |seed| {
+            self.discovery.handle_seeded(&Authority::from(dst), seed)
+        });
         let named_handle = raw.and_then(|raw| {
-            let mut held = self.named.lock().ok()?;
-            match &*held {
-                Some(named) if &*named.raw == raw && named.handle.as_ref().is_none_or(|h| !h.is_dropped()) => {
-                    named.handle.clone()
-                }
-                _ => {
-                    let handle = named_destination(raw).and_then(|name| self.discovery.handle(&name));
-                    *held = Some(Named {
-                        raw: raw.into(),
-                        handle: handle.clone(),
-                    });
-                    handle
-                }
-            }
+            let mut held = lock(&self.named);
+            let seed = match &*held {
+                Some(named) if &*named.raw == raw => match &named.handle {
+                    Some(handle) if !handle.is_dropped() => return Some(handle.clone()),
+                    Some(dropped) => dropped.latest(),
+                    None => return None,
+                },
+                _ => None,
+            };
+            let handle = named_destination(raw).and_then(|name| self.discovery.handle_seeded(&name, seed));
+            *held = Some(Named {
+                raw: raw.into(),
+                handle: handle.clone(),
+            });
+            handle
         });
         let dst_answer = dst_handle.as_ref().map_or(Some(None), Handle::settled);
         let named_answer = named_handle.as_ref().map(Handle::settled);
@@ -138,13 +141,15 @@ impl ConnDiscovery {
         }
     }
 
-    /// The connection's handle in `slot`, taken (again, if discovery dropped it) when needed.
-    fn held(&self, slot: &Mutex<Option<Handle>>, take: impl FnOnce() -> Option<Handle>) -> Option<Handle> {
-        let mut held = slot.lock().ok()?;
+    /// The connection's handle in `slot`, taken (again, if discovery dropped it, from the answer
+    /// it last saw) when needed.
+    fn held(&self, slot: &Mutex<Option<Handle>>, take: impl FnOnce(Answer) -> Option<Handle>) -> Option<Handle> {
+        let mut held = lock(slot);
         match &*held {
             Some(handle) if !handle.is_dropped() => Some(handle.clone()),
-            _ => {
-                *held = take();
+            previous => {
+                let seed = previous.as_ref().and_then(Handle::latest);
+                *held = take(seed);
                 held.clone()
             }
         }
@@ -201,8 +206,8 @@ impl RouteLayer {
         let policy = self.policy.load();
         let named = answers.and_then(|a| a.named.as_ref()).and_then(known);
         // 1-5 of the module's precedence.
-        let destination = match named {
-            Some(routes) => routes,
+        let (destination, from_control_plane) = match named {
+            Some(routes) => (routes, true),
             // The Host lookup is only worth doing when the file names some destination by host.
             None => match policy
                 .routes_by_host()
@@ -210,16 +215,16 @@ impl RouteLayer {
                 .flatten()
                 .and_then(|a| policy.destination_by_authority(a))
             {
-                Some(routes) => routes,
+                Some(routes) => (routes, false),
                 None => match answers.and_then(|a| known(&a.dst)) {
-                    Some(routes) => routes,
-                    None => policy.destination_by_addr(self.dst),
+                    Some(routes) => (routes, true),
+                    None => (policy.destination_by_addr(self.dst), false),
                 },
             },
         };
         let route = destination.route(req).clone();
         let dst_answer = answers.and_then(|a| a.dst.as_deref());
-        let (target, security) = self.target(&route, destination, dst_answer);
+        let (target, security) = self.target(&route, destination, from_control_plane, dst_answer);
         let ctx = RouteCtx {
             target,
             security,
@@ -233,22 +238,44 @@ impl RouteLayer {
     }
 
     /// Where the request goes, and under which security decision when the policy decided it.
+    /// `from_control_plane`: whether `destination` is the control plane's (else the file's).
     fn target(
         &self,
         route: &Route,
         destination: &Destination,
+        from_control_plane: bool,
         dst_answer: Option<&Target>,
     ) -> (SocketAddr, Option<Security>) {
-        // The security decision for `addr` from what the policy says about it.
+        // Inbound, the upstream is always the app at the original destination: a client's Host
+        // never sends the request anywhere else.
+        if self.direction == Direction::Inbound {
+            return (self.dst, None);
+        }
+        // The control plane's word on `addr`: its endpoint there, in the destination it sent or
+        // in its answer for the dialled address.
+        let control_plane = |addr: SocketAddr| -> Option<&Endpoint> {
+            let own = if from_control_plane {
+                destination.endpoint(addr)
+            } else {
+                None
+            };
+            own.or_else(|| dst_answer.filter(|_| addr == self.dst)?.routes.as_ref()?.endpoint(addr))
+        };
         let decided = |addr: SocketAddr| -> Option<Security> {
-            let listed = destination.endpoint(addr).or_else(|| {
-                let dst = dst_answer.filter(|_| addr == self.dst)?;
-                dst.routes.as_ref()?.endpoint(addr)
-            });
-            match listed {
-                Some(endpoint) => Some(Security::from_identity(endpoint.identity.clone())),
-                // The original destination, answered or not: what discovery said of it stands.
+            if let Some(endpoint) = control_plane(addr) {
+                return Some(Security::from_identity(endpoint.identity.clone()));
+            }
+            // The file may require mesh TLS; it never waives what discovery would say.
+            let file = if from_control_plane {
+                None
+            } else {
+                destination.identity(addr)
+            };
+            match file {
+                Some(id) => Some(Security::Mesh(id.clone())),
+                // The dialled address was answered (or its wait is over): that answer stands.
                 None if self.discovery.is_some() && addr == self.dst => Some(Security::Plain),
+                // Else the upstream asks discovery by address.
                 None => None,
             }
         };
@@ -257,10 +284,7 @@ impl RouteLayer {
         }
         // The app's choice stands when it dialled one of the endpoints.
         if let Some(endpoint) = destination.endpoint(self.dst).or_else(|| destination.pick()) {
-            return (
-                endpoint.address,
-                Some(Security::from_identity(endpoint.identity.clone())),
-            );
+            return (endpoint.address, decided(endpoint.address));
         }
         (self.dst, decided(self.dst))
     }
@@ -345,4 +369,58 @@ fn authority<B>(req: &http::Request<B>) -> Option<&str> {
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use arc_swap::ArcSwap;
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::{
+        http::{body::RequestBody, metrics::HttpMetrics},
+        policy::{self, Policy},
+    };
+
+    const FILE: &str = r#"
+destinations:
+  - destination: db.shop:5432
+    endpoints: [{ address: "10.0.0.5:5432" }]
+  - destination: web.shop:80
+    endpoints: [{ address: "10.0.0.7:8080", identity: spiffe://td/ns/shop/sa/web }]
+"#;
+
+    fn layer(direction: Direction) -> RouteLayer {
+        let metrics = HttpMetrics::register(&mut Registry::default());
+        let file = Policy::compile(policy::parse(FILE, "routes.yaml").unwrap(), &metrics).unwrap();
+        let dst = "10.0.0.9:8080".parse().unwrap();
+        RouteLayer::new(Arc::new(ArcSwap::from_pointee(file)), direction, dst, None)
+    }
+
+    fn routed(layer: &RouteLayer, host: &str) -> RouteCtx {
+        let mut req = http::Request::get("/")
+            .header("host", host)
+            .body(RequestBody::Empty)
+            .unwrap();
+        layer.route(&mut req, None);
+        req.extensions().get::<RouteCtx>().unwrap().clone()
+    }
+
+    #[test]
+    fn inbound_never_leaves_the_app_whatever_the_host() {
+        let ctx = routed(&layer(Direction::Inbound), "db.shop:5432");
+        assert_eq!(ctx.target, "10.0.0.9:8080".parse().unwrap());
+        let outbound = routed(&layer(Direction::Outbound), "db.shop:5432");
+        assert_eq!(outbound.target, "10.0.0.5:5432".parse().unwrap());
+    }
+
+    #[test]
+    fn the_file_can_require_mesh_tls_but_never_waives_it() {
+        let layer = layer(Direction::Outbound);
+        let web = routed(&layer, "web.shop");
+        assert_eq!(web.target, "10.0.0.7:8080".parse().unwrap());
+        assert!(matches!(web.security, Some(Security::Mesh(ref id)) if id.as_str() == "spiffe://td/ns/shop/sa/web"));
+        // No identity in the file: the upstream asks discovery by address, not "plaintext".
+        assert!(routed(&layer, "db.shop:5432").security.is_none());
+    }
 }

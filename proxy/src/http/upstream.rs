@@ -113,8 +113,10 @@ impl Pool {
     /// routing `decided` from the connection's discovery handles, else discovery's by address.
     fn settled_key(&self, target: SocketAddr, decided: Option<&Security>) -> Option<Key> {
         match (&self.mesh, decided) {
-            (None, _) => Some((target, Security::Plain)),
-            (Some(_), Some(decided)) => Some((target, decided.clone())),
+            // Without a mesh identity, only a route file can ask for mesh TLS; the connection
+            // then fails (below) rather than going in plaintext.
+            (_, Some(decided)) => Some((target, decided.clone())),
+            (None, None) => Some((target, Security::Plain)),
             (Some(mesh), None) => Some((target, mesh.settled_security(target)?)),
         }
     }
@@ -154,7 +156,12 @@ impl Pool {
                 let tls = mesh.connect(stream, id).await.map_err(ProxyError::Connect)?;
                 Ok(Connection::Mesh(Box::new(tls)))
             }
-            _ => Ok(Connection::Plain(stream)),
+            // A target that must be mesh TLS is never reached in plaintext.
+            (None, Security::Mesh(id)) => Err(ProxyError::Connect(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{target} requires mesh TLS to {id}, and this proxy has no workload identity"),
+            ))),
+            (_, Security::Plain) => Ok(Connection::Plain(stream)),
         }
     }
 

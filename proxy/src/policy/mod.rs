@@ -44,7 +44,7 @@ pub struct Destination {
     rules: Vec<Rule>,
     default_route: Arc<Route>,
     pub budget: Arc<TpsBudget>,
-    /// Endpoints in rotation (weight above 0), with the identity each must present. Empty: the
+    /// Endpoints, with the identity each must present (weight 0: out of rotation). Empty: the
     /// connection's original destination (or a route's `backendRefs`) is where requests go.
     pub endpoints: Vec<Endpoint>,
 }
@@ -177,7 +177,8 @@ impl Policy {
             return None;
         }
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().unwrap_or(DEFAULT_PORT)),
+            // An unparsable port names no destination (as `Authority::from_request` says too).
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().ok()?),
             _ => (authority, DEFAULT_PORT),
         };
         // Normalised as destination keys are: a fully qualified name's trailing dot is dropped.
@@ -216,10 +217,11 @@ impl Destination {
             }
         }
         rules.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        // Weight 0 takes an endpoint out of rotation, not out of the mesh: it stays listed so a
+        // connection dialled to it still gets its identity.
         let endpoints = spec
             .endpoints
             .iter()
-            .filter(|e| e.weight > 0)
             .map(|e| Endpoint {
                 address: e.address,
                 identity: e.identity.clone(),

@@ -171,5 +171,31 @@ fn endpoint_picks_follow_the_weights() {
         picks.iter().all(|a| a.port() == 80 && a.ip().to_string() != "10.0.0.3"),
         "weight 0 is out of rotation"
     );
-    assert!(d.endpoint("10.0.0.3:80".parse().unwrap()).is_none());
+    assert!(
+        d.endpoint("10.0.0.3:80".parse().unwrap()).is_some(),
+        "listed, out of rotation"
+    );
+}
+
+#[test]
+fn an_endpoint_out_of_rotation_keeps_its_identity() {
+    let p = compile(
+        "destinations:\n  - destination: a:80\n    endpoints: [{ address: \"10.0.0.1:80\", identity: spiffe://td/ns/a/sa/web, weight: 0 }, { address: \"10.0.0.2:80\" }]\n",
+    )
+    .unwrap();
+    let d = p.destination(Some("a:80"), "10.9.9.9:80".parse().unwrap());
+    let drained: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    // Never picked, but a connection dialled to it is still mesh TLS to its identity.
+    assert!((0..1000).all(|_| d.pick().map(|e| e.address) != Some(drained)));
+    assert_eq!(
+        d.identity(drained).map(|id| id.as_str()),
+        Some("spiffe://td/ns/a/sa/web")
+    );
+}
+
+#[test]
+fn an_authority_with_an_unparsable_port_names_no_destination() {
+    let p = compile("destinations:\n  - destination: web:80\n    routes: [{ name: r }]\n").unwrap();
+    assert_eq!(route_name(&p, Some("web:99999"), &req("GET", "/", &[])), DEFAULT_ROUTE);
+    assert_eq!(route_name(&p, Some("web"), &req("GET", "/", &[])), "r");
 }
