@@ -24,6 +24,7 @@ pub mod diagnostics;
 pub mod discovery_service;
 pub mod identity_service;
 pub mod inject;
+#[cfg(feature = "kubernetes")]
 pub mod k8s;
 pub mod kube_api;
 pub mod policy;
