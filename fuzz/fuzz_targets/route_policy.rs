@@ -48,7 +48,8 @@ fuzz_target!(|data: &[u8]| {
                 continue;
             };
             let route = destination.route(&req);
-            let _ = route.backend(dst);
+            let _ = route.backend();
+            let _ = (destination.pick(), destination.endpoint(dst));
             if let Some(retry) = &route.retry {
                 for code in [0u8, 14, 31, 32, 255] {
                     let _ = retry.retries_grpc(code);
