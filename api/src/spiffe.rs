@@ -168,6 +168,12 @@ impl SpiffeId {
         &self.0
     }
 
+    /// The trust domain: what follows `spiffe://`, up to the path.
+    pub fn trust_domain(&self) -> &str {
+        let rest = self.0.strip_prefix("spiffe://").unwrap_or(&self.0);
+        rest.split_once('/').map_or(rest, |(td, _)| td)
+    }
+
     /// `(trust domain, namespace, service account)` for Kubernetes workload IDs.
     fn workload_parts(&self) -> Option<(&str, &str, &str)> {
         let rest = self.0.strip_prefix("spiffe://")?;

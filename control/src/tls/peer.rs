@@ -25,7 +25,6 @@ use tokio::{
 };
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
-use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
 use crate::{policy::model::SpiffeId, spiffe::TrustDomain};
 
@@ -232,34 +231,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-/// The single SPIFFE ID of an X.509-SVID, which must be in `trust_domain`.
+/// The single SPIFFE ID of an X.509-SVID, which must be in `trust_domain`. Reading the URI SAN
+/// is the shared `SpiffeId`'s job: the proxy reads its peers' certificates with the same code.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>, trust_domain: &TrustDomain) -> Result<SpiffeId, String> {
-    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| format!("certificate does not parse: {e}"))?;
-    let sans = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("subjectAltName does not parse: {e}"))?;
-    let uris: Vec<&str> = sans
-        .iter()
-        .flat_map(|s| s.value.general_names.iter())
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else {
-        return Err(format!(
-            "certificate has {} URI SANs; an X.509-SVID has exactly one",
-            uris.len()
-        ));
-    };
-    let id = SpiffeId::try_from(uri.to_string())?;
-    let in_domain = id
-        .as_str()
-        .strip_prefix("spiffe://")
-        .and_then(|rest| rest.split_once('/'))
-        .is_some_and(|(td, _)| td == trust_domain.as_str());
-    if !in_domain {
-        return Err(format!("{} is not in trust domain {trust_domain}", id));
+    let id = SpiffeId::from_certificate(cert).map_err(|e| e.to_string())?;
+    if id.trust_domain() != trust_domain.as_str() {
+        return Err(format!("{id} is not in trust domain {trust_domain}"));
     }
     Ok(id)
 }
@@ -283,7 +260,7 @@ mod tests {
         assert_eq!(spiffe_id_of(&cert(&[web]), &td).unwrap().as_str(), web);
         let two = spiffe_id_of(&cert(&[web, "spiffe://cluster.local/ns/default/sa/db"]), &td);
         assert!(two.unwrap_err().contains("2 URI SANs"));
-        assert!(spiffe_id_of(&cert(&[]), &td).unwrap_err().contains("0 URI SANs"));
+        assert!(spiffe_id_of(&cert(&[]), &td).unwrap_err().contains("no SPIFFE URI SAN"));
         assert!(spiffe_id_of(&cert(&["https://example.com/x"]), &td).is_err());
         let other = spiffe_id_of(&cert(&["spiffe://evil.example/ns/default/sa/web"]), &td);
         assert!(other.unwrap_err().contains("not in trust domain"));
