@@ -15,7 +15,7 @@ use std::{
 pub use pillion_api::policy::model::Authorization;
 
 use crate::{
-    discovery::{Discovery, Handle, lock},
+    discovery::{Discovery, Handle, Held, lock},
     policy::reload::SharedPolicy,
     tls::spiffe::SpiffeId,
 };
@@ -31,8 +31,8 @@ pub struct Authorizer {
 /// request's decision reads it without a shared lock.
 pub struct PortPolicy {
     app: SocketAddr,
-    /// Replaced (from its last answer) if discovery drops the destination while the connection lives.
-    handle: Mutex<Option<Handle>>,
+    /// `None` without a control plane.
+    held: Option<Mutex<Held>>,
 }
 
 impl Authorizer {
@@ -40,7 +40,7 @@ impl Authorizer {
     pub fn port(&self, app: SocketAddr) -> PortPolicy {
         PortPolicy {
             app,
-            handle: Mutex::new(self.discovery.as_ref().and_then(|d| d.handle_addr(app))),
+            held: self.discovery.as_ref().map(|d| Mutex::new(Held::new(d, app.into()))),
         }
     }
 
@@ -53,7 +53,10 @@ impl Authorizer {
 
     /// Waits (the first time for a port, briefly) for the control plane's answer.
     pub async fn resolve(&self, port: &PortPolicy) {
-        let handle = lock(&port.handle).clone();
+        let handle = match (&self.discovery, &port.held) {
+            (Some(discovery), Some(held)) => lock(held).handle(discovery).cloned(),
+            _ => None,
+        };
         if let Some(mut handle) = handle {
             handle.resolve().await;
         }
@@ -62,19 +65,10 @@ impl Authorizer {
     /// The decision against the latest known policies, without waiting.
     pub fn decide(&self, port: &PortPolicy, client: Option<&SpiffeId>) -> bool {
         if let Some(discovery) = &self.discovery {
-            let answer = {
-                let mut held = lock(&port.handle);
-                match &*held {
-                    Some(handle) if !handle.is_dropped() => handle.latest(),
-                    // Made room for while the connection was open: follow it again, from the
-                    // answer last seen.
-                    previous => {
-                        let seed = previous.as_ref().and_then(Handle::latest);
-                        *held = discovery.handle_seeded(&port.app.into(), seed);
-                        held.as_ref().and_then(Handle::latest)
-                    }
-                }
-            };
+            let answer = port
+                .held
+                .as_ref()
+                .and_then(|held| lock(held).handle(discovery).and_then(Handle::latest));
             match answer {
                 None => return false,
                 Some(target) => {

@@ -135,6 +135,30 @@ impl Handle {
     }
 }
 
+/// A holder's handle to one destination (a connection's, kept across its requests). If
+/// discovery drops the destination to make room, the next use follows it again starting from the
+/// answer last seen, so the last known state stays in force (never a fall back to plaintext).
+pub struct Held {
+    destination: Authority,
+    handle: Option<Handle>,
+}
+
+impl Held {
+    pub fn new(discovery: &Discovery, destination: Authority) -> Self {
+        let handle = discovery.handle(&destination);
+        Held { destination, handle }
+    }
+
+    /// The current handle, followed again if it was dropped.
+    pub fn handle(&mut self, discovery: &Discovery) -> Option<&Handle> {
+        if self.handle.as_ref().is_none_or(Handle::is_dropped) {
+            let seed = self.handle.as_ref().and_then(Handle::latest);
+            self.handle = discovery.handle_seeded(&self.destination, seed);
+        }
+        self.handle.as_ref()
+    }
+}
+
 impl DiscoverySettings {
     pub fn from_config(config: &crate::config::Config) -> Self {
         DiscoverySettings {
@@ -174,9 +198,8 @@ impl Discovery {
         self.handle(&Authority::from(addr))
     }
 
-    /// [`handle`](Self::handle) for a holder whose handle was dropped: a destination followed
-    /// anew starts from `seed`, the answer the dropped handle last saw, so the last known state
-    /// stays in force until the control plane answers again (never a fall back to plaintext).
+    /// [`handle`](Self::handle) for a holder whose handle was dropped ([`Held`]): a destination
+    /// followed anew starts from `seed`, the answer the dropped handle last saw.
     pub fn handle_seeded(&self, destination: &Authority, seed: Answer) -> Option<Handle> {
         let mut watches = lock(&self.watches);
         let now = Instant::now();

@@ -76,24 +76,6 @@ impl Inbound {
                 return;
             }
         }
-        if matches!(protocol, Protocol::Tls | Protocol::Opaque) {
-            self.metrics.mesh_connection(None);
-            if self.authorize(app, None, peer).await {
-                let metrics = &self.metrics;
-                forward::proxy_opaque(
-                    stream,
-                    &prefix,
-                    peer,
-                    app,
-                    Direction::Inbound,
-                    Upstream::Plain,
-                    self.forward,
-                    metrics,
-                )
-                .await;
-            }
-            return;
-        }
         self.serve(stream, protocol, prefix, peer, app, None).await;
     }
 
@@ -174,21 +156,8 @@ impl Inbound {
         // From here as a mesh TLS connection straight to pod-ip:port, minus detection: the
         // client proxy sends only non-HTTP traffic this way, and the app may speak first.
         let app = SocketAddr::new(dst.ip(), port);
-        self.metrics.mesh_connection(Some(client_id.as_str()));
-        if self.authorize(app, Some(&client_id), peer).await {
-            let metrics = &self.metrics;
-            forward::proxy_opaque(
-                tls,
-                &[],
-                peer,
-                app,
-                Direction::Inbound,
-                Upstream::Plain,
-                self.forward,
-                metrics,
-            )
-            .await
-        }
+        self.serve(tls, Protocol::Opaque, BytesMut::new(), peer, app, Some(client_id))
+            .await;
     }
 
     /// Whether a TCP client (`None` = no mesh TLS) may reach `app`'s port; counts and logs a denial.

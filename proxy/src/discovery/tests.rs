@@ -192,12 +192,13 @@ fn prost_types_duration(seconds: i64, nanos: i32) -> prost_types::Duration {
 #[tokio::test(start_paused = true)]
 async fn a_destination_followed_again_starts_from_the_last_answer_seen() {
     let d = Discovery::for_test(settings(1));
-    let held = d.handle(&key(443)).unwrap();
+    let mut held = Held::new(&d, key(443));
     assert!(d.answer(&key(443), Target::default()));
     let _other = d.handle(&key(1)).unwrap();
-    assert!(held.is_dropped());
-    // The control plane is silent now: the fresh handle keeps what the dropped one knew,
-    // instead of waiting and then deciding with no answer (plaintext).
-    let fresh = d.handle_seeded(&key(443), held.latest()).unwrap();
+    assert_eq!(d.followed(), 1, "443 made room");
+    // The control plane is silent now: the holder's fresh handle keeps what the dropped one
+    // knew, instead of waiting and then deciding with no answer (plaintext).
+    let fresh = held.handle(&d).unwrap();
+    assert!(!fresh.is_dropped());
     assert!(matches!(fresh.settled(), Some(Some(_))));
 }

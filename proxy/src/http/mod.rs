@@ -89,7 +89,7 @@ impl HttpProxy {
             Direction::Outbound => self.pool.discovery().cloned(),
             Direction::Inbound => None,
         }
-        .map(|discovery| Arc::new(route::ConnDiscovery::new(discovery)));
+        .map(|discovery| Arc::new(route::ConnDiscovery::new(discovery, dst)));
         let stack = ServiceBuilder::new()
             .layer(route::RouteLayer::new(
                 self.policy.clone(),

@@ -35,7 +35,7 @@ use tower::{Layer, Service, retry::budget::TpsBudget};
 
 use super::ProxyRequest;
 use crate::{
-    discovery::{Answer, Discovery, Handle, Target, lock},
+    discovery::{Answer, Discovery, Handle, Held, Target, lock},
     mesh::Security,
     metrics::Direction,
     policy::{Destination, Endpoint, Route, reload::SharedPolicy},
@@ -64,15 +64,17 @@ pub struct RouteCtx {
 /// authority its requests named (a connection nearly always names one).
 pub struct ConnDiscovery {
     discovery: Arc<Discovery>,
-    dst: Mutex<Option<Handle>>,
+    dst_addr: SocketAddr,
+    /// Followed from the first request, so its first-answer wait starts with the first request.
+    dst: Mutex<Option<Held>>,
     named: Mutex<Option<Named>>,
 }
 
-/// The last authority a connection's requests named, as written, and its handle (`None`: it
-/// names no destination, e.g. an IP literal or an invalid host).
+/// The last authority a connection's requests named, as written, and its destination (`None`:
+/// it names none, e.g. an IP literal or an invalid host).
 struct Named {
     raw: Box<str>,
-    handle: Option<Handle>,
+    held: Option<Held>,
 }
 
 /// The destination a request's authority names: normalised, with the default port; an IP literal
@@ -94,40 +96,42 @@ struct Pending {
 }
 
 impl ConnDiscovery {
-    pub fn new(discovery: Arc<Discovery>) -> Self {
+    pub fn new(discovery: Arc<Discovery>, dst: SocketAddr) -> Self {
         ConnDiscovery {
             discovery,
+            dst_addr: dst,
             dst: Mutex::default(),
             named: Mutex::default(),
         }
     }
 
     /// The settled answers for the request's authority (`raw`, as written in `Host` or
-    /// `:authority`) and `dst`, or the handles to wait on. The authority is parsed only when it
-    /// differs from the connection's last one, so the steady state allocates nothing.
-    fn answers(&self, raw: Option<&str>, dst: SocketAddr) -> Result<Answers, Pending> {
-        let dst_handle = self.held(&self.dst, |seed| {
-            self.discovery.handle_seeded(&Authority::from(dst), seed)
-        });
-        let named_handle = raw.and_then(|raw| {
-            let mut held = lock(&self.named);
-            let seed = match &*held {
-                Some(named) if &*named.raw == raw => match &named.handle {
-                    Some(handle) if !handle.is_dropped() => return Some(handle.clone()),
-                    Some(dropped) => dropped.latest(),
-                    None => return None,
-                },
-                _ => None,
-            };
-            let handle = named_destination(raw).and_then(|name| self.discovery.handle_seeded(&name, seed));
-            *held = Some(Named {
-                raw: raw.into(),
-                handle: handle.clone(),
-            });
-            handle
-        });
-        let dst_answer = dst_handle.as_ref().map_or(Some(None), Handle::settled);
-        let named_answer = named_handle.as_ref().map(Handle::settled);
+    /// `:authority`) and the original destination, or the handles to wait on. The authority is
+    /// parsed only when it differs from the connection's last one, and handles are cloned only
+    /// to wait, so the steady state allocates nothing and touches no shared lock.
+    fn answers(&self, raw: Option<&str>) -> Result<Answers, Pending> {
+        let mut dst = lock(&self.dst);
+        let dst_handle = dst
+            .get_or_insert_with(|| Held::new(&self.discovery, self.dst_addr.into()))
+            .handle(&self.discovery);
+        let mut named = lock(&self.named);
+        let named_handle = match raw {
+            None => None,
+            Some(raw) => {
+                if named.as_ref().is_none_or(|n| &*n.raw != raw) {
+                    *named = Some(Named {
+                        raw: raw.into(),
+                        held: named_destination(raw).map(|name| Held::new(&self.discovery, name)),
+                    });
+                }
+                named
+                    .as_mut()
+                    .and_then(|n| n.held.as_mut())
+                    .and_then(|held| held.handle(&self.discovery))
+            }
+        };
+        let dst_answer = dst_handle.map_or(Some(None), Handle::settled);
+        let named_answer = named_handle.map(Handle::settled);
         match (named_answer, dst_answer) {
             (None, Some(dst)) => Ok(Answers { named: None, dst }),
             (Some(Some(named)), Some(dst)) => Ok(Answers {
@@ -135,23 +139,9 @@ impl ConnDiscovery {
                 dst,
             }),
             _ => Err(Pending {
-                named: named_handle,
-                dst: dst_handle,
+                named: named_handle.cloned(),
+                dst: dst_handle.cloned(),
             }),
-        }
-    }
-
-    /// The connection's handle in `slot`, taken (again, if discovery dropped it, from the answer
-    /// it last saw) when needed.
-    fn held(&self, slot: &Mutex<Option<Handle>>, take: impl FnOnce(Answer) -> Option<Handle>) -> Option<Handle> {
-        let mut held = lock(slot);
-        match &*held {
-            Some(handle) if !handle.is_dropped() => Some(handle.clone()),
-            previous => {
-                let seed = previous.as_ref().and_then(Handle::latest);
-                *held = take(seed);
-                held.clone()
-            }
         }
     }
 }
@@ -325,7 +315,7 @@ where
             self.layer.route(&mut req, None);
             return RoutingFuture::Ready(self.inner.call(req));
         };
-        match conn.answers(authority(&req), self.layer.dst) {
+        match conn.answers(authority(&req)) {
             Ok(answers) => {
                 self.layer.route(&mut req, Some(&answers));
                 RoutingFuture::Ready(self.inner.call(req))
