@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use crate::proto::{self, DestinationUpdate};
 
 use super::model::{
-    Authority, Authorization, Destination, Endpoint, PathMatch, Policy, ProtocolHint, Retry, RetryBudget, RetryCode,
-    Route, RouteMatch, StringMatch, Timeouts,
+    Authority, Authorization, Destination, Endpoint, LoadBalancer, PathMatch, Policy, ProtocolHint, Retry, RetryBudget,
+    RetryCode, Route, RouteMatch, StringMatch, Timeouts,
 };
 
 /// The complete state for `destination`. Unknown destinations get `known = false` and nothing else
@@ -31,6 +31,7 @@ pub fn destination_update(policy: &Policy, destination: &Authority) -> Destinati
             known: true,
             endpoints: vec![self::endpoint(endpoint)],
             retry_budget: Some(retry_budget(&RetryBudget::default())),
+            load_balancer: Some(load_balancer(&LoadBalancer::default())),
             inbound_authorization,
             ..Default::default()
         };
@@ -62,6 +63,7 @@ fn known(d: &Destination, inbound_authorization: Option<proto::Authorization>) -
         endpoints: d.endpoints.iter().map(endpoint).collect(),
         routes: d.routes.iter().map(route).collect(),
         retry_budget: Some(retry_budget(&d.retry_budget)),
+        load_balancer: Some(load_balancer(&d.load_balancer)),
         inbound_authorization,
     }
 }
@@ -90,6 +92,18 @@ fn retry_budget(b: &RetryBudget) -> proto::RetryBudget {
         percent: b.percent,
         min_retries_per_second: b.min_retries_per_second,
         ttl: Some(duration(b.ttl)),
+    }
+}
+
+fn load_balancer(lb: &LoadBalancer) -> proto::LoadBalancer {
+    let accrual = &lb.failure_accrual;
+    proto::LoadBalancer {
+        failure_accrual: Some(proto::FailureAccrual {
+            consecutive_failures: accrual.consecutive_failures,
+            min_backoff: Some(duration(accrual.min_backoff)),
+            max_backoff: Some(duration(accrual.max_backoff)),
+        }),
+        queue_timeout: Some(duration(lb.queue_timeout)),
     }
 }
 
@@ -237,6 +251,15 @@ fn destination_yaml(update: &DestinationUpdate) -> Result<Value, String> {
             "percent": b.percent,
             "minRetriesPerSecond": b.min_retries_per_second,
             "ttl": b.ttl.as_ref().map(duration_yaml),
+        })),
+        // Unset (a control plane that predates it) leaves the field out: the defaults.
+        "loadBalancer": update.load_balancer.as_ref().map(|lb| json!({
+            "failureAccrual": lb.failure_accrual.as_ref().map(|a| json!({
+                "consecutiveFailures": a.consecutive_failures,
+                "minBackoff": a.min_backoff.as_ref().map(duration_yaml),
+                "maxBackoff": a.max_backoff.as_ref().map(duration_yaml),
+            })),
+            "queueTimeout": lb.queue_timeout.as_ref().map(duration_yaml),
         })),
         "routes": update.routes.iter().map(route_yaml).collect::<Result<Vec<_>, _>>()?,
     });
@@ -410,6 +433,115 @@ inbound:
         assert!(update.inbound_authorization.is_some());
         let other = destination_update(&policy, &"10.0.0.8:8080".parse().unwrap());
         assert!(!other.known && other.endpoints.is_empty());
+    }
+
+    #[test]
+    fn load_balancing_survives_the_wire_and_is_always_sent() {
+        let policy = parse(
+            "destinations:\n  - destination: web:80\n    loadBalancer: { failureAccrual: { consecutiveFailures: 0, minBackoff: 250ms, maxBackoff: 1h }, queueTimeout: 1s 500ms }\n  - destination: plain:80\n",
+            "policy.yaml",
+        )
+        .unwrap();
+        for key in ["web:80", "plain:80"] {
+            let key: Authority = key.parse().unwrap();
+            let update = destination_update(&policy, &key);
+            assert!(
+                update.load_balancer.is_some(),
+                "{key}: always set for a known destination"
+            );
+            let back = destination_from_update(&update).unwrap().unwrap();
+            assert_eq!(back.load_balancer, policy.destinations[&key].load_balancer, "{key}");
+        }
+        let web = destination_update(&policy, &"web:80".parse().unwrap());
+        let lb = web.load_balancer.as_ref().unwrap();
+        assert_eq!(lb.failure_accrual.as_ref().unwrap().consecutive_failures, 0);
+        assert_eq!(lb.queue_timeout, Some(duration(Duration::from_millis(1500))));
+        let shown = update_to_json(&web).unwrap();
+        assert_eq!(
+            shown["loadBalancer"],
+            json!({
+                "failureAccrual": { "consecutiveFailures": 0, "minBackoff": "250ms", "maxBackoff": "1h" },
+                "queueTimeout": "1s 500ms",
+            })
+        );
+        // A proxy dialled straight to an endpoint gets the defaults too.
+        let policy = parse(POLICY, "policy.yaml").unwrap();
+        let endpoint = destination_update(&policy, &"10.0.0.7:8080".parse().unwrap());
+        assert_eq!(endpoint.load_balancer, Some(load_balancer(&LoadBalancer::default())));
+    }
+
+    #[test]
+    fn an_update_without_load_balancing_means_the_defaults() {
+        let policy = parse(POLICY, "policy.yaml").unwrap();
+        let mut update = destination_update(&policy, &"api.shop.svc.cluster.local:8080".parse().unwrap());
+        update.load_balancer = None;
+        let back = destination_from_update(&update).unwrap().unwrap();
+        assert_eq!(back.load_balancer, LoadBalancer::default());
+        update.load_balancer = Some(proto::LoadBalancer {
+            failure_accrual: None,
+            queue_timeout: Some(duration(Duration::from_secs(5))),
+        });
+        let back = destination_from_update(&update).unwrap().unwrap();
+        assert_eq!(
+            back.load_balancer.failure_accrual,
+            LoadBalancer::default().failure_accrual
+        );
+        assert_eq!(back.load_balancer.queue_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_load_balancing_from_the_wire_is_refused_with_a_reason() {
+        let policy = parse(POLICY, "policy.yaml").unwrap();
+        let good = destination_update(&policy, &"api.shop.svc.cluster.local:8080".parse().unwrap());
+        let accrual = |failures, min: Duration, max: Duration| proto::FailureAccrual {
+            consecutive_failures: failures,
+            min_backoff: Some(duration(min)),
+            max_backoff: Some(duration(max)),
+        };
+        let secs = Duration::from_secs;
+        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        let cases = [
+            (
+                Some(accrual(1001, secs(1), secs(60))),
+                Some(duration(secs(1))),
+                "consecutiveFailures 1001 is above 1000",
+            ),
+            (
+                Some(accrual(7, Duration::ZERO, secs(60))),
+                Some(duration(secs(1))),
+                "minBackoff must be longer than 0s",
+            ),
+            (
+                Some(accrual(7, secs(5), secs(2))),
+                Some(duration(secs(1))),
+                "shorter than minBackoff",
+            ),
+            (
+                Some(accrual(7, secs(1), secs(3601))),
+                Some(duration(secs(1))),
+                "maxBackoff",
+            ),
+            (
+                Some(accrual(7, secs(1), secs(60))),
+                Some(duration(Duration::ZERO)),
+                "queueTimeout",
+            ),
+            (
+                Some(accrual(7, secs(1), secs(60))),
+                Some(duration(secs(61))),
+                "queueTimeout",
+            ),
+            (Some(accrual(7, secs(1), secs(60))), Some(negative), "not a duration"),
+        ];
+        for (failure_accrual, queue_timeout, reason) in cases {
+            let mut update = good.clone();
+            update.load_balancer = Some(proto::LoadBalancer {
+                failure_accrual,
+                queue_timeout,
+            });
+            let err = destination_from_update(&update).unwrap_err();
+            assert!(err.contains(reason), "{err:?} lacks {reason:?}");
+        }
     }
 
     #[test]

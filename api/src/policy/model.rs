@@ -1,4 +1,5 @@
-//! The policy YAML model: destinations (endpoints, retry budget, routes) and inbound authorization.
+//! The policy YAML model: destinations (endpoints, retry budget, load balancing, routes) and inbound
+//! authorization.
 //!
 //! Route semantics follow the Gateway API HTTPRoute, so `HTTPRoute` objects translate one to one.
 //! Every value is validated while it is deserialized (newtypes with `try_from`), so an error carries
@@ -44,6 +45,8 @@ pub struct Destination {
     #[serde(default)]
     pub retry_budget: RetryBudget,
     #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    #[serde(default)]
     pub routes: Vec<Route>,
 }
 
@@ -80,6 +83,39 @@ pub struct RetryBudget {
     pub min_retries_per_second: u32,
     #[serde(deserialize_with = "budget_ttl")]
     pub ttl: Duration,
+}
+
+/// How the proxy balances over a destination's endpoints: when an endpoint leaves rotation after
+/// failures, and how long a request waits for a usable one. Defaults are Linkerd's.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LoadBalancer {
+    pub failure_accrual: FailureAccrual,
+    /// How long a request waits for a usable endpoint before the proxy answers 503 (more than 0s, at most 60s).
+    #[serde(deserialize_with = "queue_timeout")]
+    pub queue_timeout: Duration,
+}
+
+/// `consecutive_failures` in a row take an endpoint out of rotation (0 = never); it is probed
+/// again after a jittered backoff that starts at `min_backoff` and doubles up to `max_backoff`.
+/// Read through `RawFailureAccrual` because `maxBackoff` is checked against `minBackoff`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawFailureAccrual")]
+pub struct FailureAccrual {
+    pub consecutive_failures: u32,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct RawFailureAccrual {
+    #[serde(deserialize_with = "consecutive_failures")]
+    consecutive_failures: u32,
+    #[serde(deserialize_with = "min_backoff")]
+    min_backoff: Duration,
+    #[serde(deserialize_with = "max_backoff")]
+    max_backoff: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -434,6 +470,56 @@ impl Default for RetryBudget {
     }
 }
 
+impl Default for LoadBalancer {
+    fn default() -> Self {
+        LoadBalancer {
+            failure_accrual: FailureAccrual::default(),
+            queue_timeout: default_queue_timeout(),
+        }
+    }
+}
+
+impl Default for FailureAccrual {
+    fn default() -> Self {
+        FailureAccrual {
+            consecutive_failures: default_consecutive_failures(),
+            min_backoff: default_min_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+impl Default for RawFailureAccrual {
+    fn default() -> Self {
+        let d = FailureAccrual::default();
+        RawFailureAccrual {
+            consecutive_failures: d.consecutive_failures,
+            min_backoff: d.min_backoff,
+            max_backoff: d.max_backoff,
+        }
+    }
+}
+
+impl TryFrom<RawFailureAccrual> for FailureAccrual {
+    type Error = String;
+
+    fn try_from(raw: RawFailureAccrual) -> Result<Self, String> {
+        // A cap below the first backoff would make the doubling meaningless.
+        if raw.max_backoff < raw.min_backoff {
+            return Err(format!(
+                "loadBalancer.failureAccrual.maxBackoff ({}) is shorter than minBackoff ({})",
+                humantime::format_duration(raw.max_backoff),
+                humantime::format_duration(raw.min_backoff)
+            ));
+        }
+        Ok(FailureAccrual {
+            consecutive_failures: raw.consecutive_failures,
+            min_backoff: raw.min_backoff,
+            max_backoff: raw.max_backoff,
+        })
+    }
+}
+
 impl TryFrom<RawPathMatch> for PathMatch {
     type Error = String;
 
@@ -696,6 +782,27 @@ fn default_backoff() -> Duration {
     Duration::from_millis(25)
 }
 
+fn default_consecutive_failures() -> u32 {
+    7
+}
+
+fn default_min_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Above this, an endpoint would effectively never leave rotation; likely a typo.
+const MAX_CONSECUTIVE_FAILURES: u32 = 1000;
+const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(3600);
+const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}; e.g. `10s`, `250ms`)"))
 }
@@ -723,6 +830,49 @@ fn budget_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Err
         )));
     }
     Ok(ttl)
+}
+
+fn consecutive_failures<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match u32::deserialize(d)? {
+        n if n <= MAX_CONSECUTIVE_FAILURES => Ok(n),
+        n => Err(serde::de::Error::custom(format!(
+            "loadBalancer.failureAccrual.consecutiveFailures {n} is above {MAX_CONSECUTIVE_FAILURES}"
+        ))),
+    }
+}
+
+fn min_backoff<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let backoff = duration(d)?;
+    if backoff.is_zero() {
+        return Err(serde::de::Error::custom(
+            "loadBalancer.failureAccrual.minBackoff must be longer than 0s",
+        ));
+    }
+    Ok(backoff)
+}
+
+fn max_backoff<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let backoff = duration(d)?;
+    if backoff > MAX_FAILURE_BACKOFF {
+        return Err(serde::de::Error::custom(format!(
+            "loadBalancer.failureAccrual.maxBackoff {} is longer than {}",
+            humantime::format_duration(backoff),
+            humantime::format_duration(MAX_FAILURE_BACKOFF)
+        )));
+    }
+    Ok(backoff)
+}
+
+fn queue_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let timeout = duration(d)?;
+    if timeout.is_zero() || timeout > MAX_QUEUE_TIMEOUT {
+        return Err(serde::de::Error::custom(format!(
+            "loadBalancer.queueTimeout {} must be longer than 0s and at most {}",
+            humantime::format_duration(timeout),
+            humantime::format_duration(MAX_QUEUE_TIMEOUT)
+        )));
+    }
+    Ok(timeout)
 }
 
 fn backend_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {

@@ -213,6 +213,107 @@ fn table() -> Vec<(&'static str, String, bool)> {
             with_destination("destination: web:80\n    retryBudget: { ttl: 61s }"),
             false,
         ),
+        // Load balancing.
+        (
+            "load balancing may be empty (defaults)",
+            with_destination("destination: web:80\n    loadBalancer: {}"),
+            true,
+        ),
+        (
+            "load balancing settings",
+            with_destination(
+                "destination: web:80\n    loadBalancer: { failureAccrual: { consecutiveFailures: 3, minBackoff: 500ms, maxBackoff: 30s }, queueTimeout: 3s }",
+            ),
+            true,
+        ),
+        (
+            "consecutiveFailures 0 turns accrual off",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { consecutiveFailures: 0 } }"),
+            true,
+        ),
+        (
+            "consecutiveFailures up to 1000",
+            with_destination(
+                "destination: web:80\n    loadBalancer: { failureAccrual: { consecutiveFailures: 1000 } }",
+            ),
+            true,
+        ),
+        (
+            "consecutiveFailures above 1000 is refused",
+            with_destination(
+                "destination: web:80\n    loadBalancer: { failureAccrual: { consecutiveFailures: 1001 } }",
+            ),
+            false,
+        ),
+        (
+            "consecutiveFailures is not negative",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { consecutiveFailures: -1 } }"),
+            false,
+        ),
+        (
+            "minBackoff is longer than 0s",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { minBackoff: 0s } }"),
+            false,
+        ),
+        (
+            "maxBackoff may equal minBackoff",
+            with_destination(
+                "destination: web:80\n    loadBalancer: { failureAccrual: { minBackoff: 5s, maxBackoff: 5s } }",
+            ),
+            true,
+        ),
+        (
+            "maxBackoff is not shorter than minBackoff",
+            with_destination(
+                "destination: web:80\n    loadBalancer: { failureAccrual: { minBackoff: 5s, maxBackoff: 2s } }",
+            ),
+            false,
+        ),
+        (
+            "maxBackoff's default (60s) bounds minBackoff too",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { minBackoff: 2m } }"),
+            false,
+        ),
+        (
+            "maxBackoff up to 1h",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { maxBackoff: 1h } }"),
+            true,
+        ),
+        (
+            "maxBackoff above 1h is refused",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { maxBackoff: 61m } }"),
+            false,
+        ),
+        (
+            "backoffs are durations",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { minBackoff: \"1\" } }"),
+            false,
+        ),
+        (
+            "queueTimeout up to 60s",
+            with_destination("destination: web:80\n    loadBalancer: { queueTimeout: 60s }"),
+            true,
+        ),
+        (
+            "queueTimeout above 60s is refused",
+            with_destination("destination: web:80\n    loadBalancer: { queueTimeout: 61s }"),
+            false,
+        ),
+        (
+            "queueTimeout is longer than 0s",
+            with_destination("destination: web:80\n    loadBalancer: { queueTimeout: 0s }"),
+            false,
+        ),
+        (
+            "unknown load-balancing fields are refused",
+            with_destination("destination: web:80\n    loadBalancer: { algorithm: p2c }"),
+            false,
+        ),
+        (
+            "unknown failure-accrual fields are refused",
+            with_destination("destination: web:80\n    loadBalancer: { failureAccrual: { consecutiveFailure: 3 } }"),
+            false,
+        ),
         // Backends.
         (
             "backendRefs by ip:port with weights",

@@ -320,6 +320,7 @@ impl Index {
                             destination,
                             endpoints,
                             retry_budget: RetryBudget::default(),
+                            load_balancer: Default::default(),
                             routes: routes.clone(),
                         },
                     );

@@ -3,13 +3,18 @@
 use std::time::Duration;
 
 use super::*;
-use crate::policy::model::{Authorization, PathMatch, ProtocolHint, RetryCode, StringMatch};
+use crate::policy::model::{
+    Authorization, FailureAccrual, LoadBalancer, PathMatch, ProtocolHint, RetryCode, StringMatch,
+};
 
 const EXAMPLE: &str = r#"
 destinations:
   - destination: web.default.svc.cluster.local:80
     endpoints: [{ address: 10.0.0.7:8080, identity: spiffe://cluster.local/ns/default/sa/web, protocol: http2, weight: 1 }]
     retryBudget: { percent: 20, minRetriesPerSecond: 10, ttl: 10s }
+    loadBalancer:
+      failureAccrual: { consecutiveFailures: 5, minBackoff: 500ms, maxBackoff: 30s }
+      queueTimeout: 3s
     routes:
       - name: web-api
         matches:
@@ -42,6 +47,17 @@ fn documented_example_parses() {
         "spiffe://cluster.local/ns/default/sa/web"
     );
     assert_eq!(d.retry_budget.ttl, Duration::from_secs(10));
+    assert_eq!(
+        d.load_balancer,
+        LoadBalancer {
+            failure_accrual: FailureAccrual {
+                consecutive_failures: 5,
+                min_backoff: Duration::from_millis(500),
+                max_backoff: Duration::from_secs(30),
+            },
+            queue_timeout: Duration::from_secs(3),
+        }
+    );
 
     let route = &d.routes[0];
     assert_eq!(route.name.0, "web-api");
@@ -101,6 +117,44 @@ fn defaults_follow_the_contract() {
 }
 
 #[test]
+fn load_balancing_defaults_are_linkerds() {
+    let defaults = LoadBalancer::default();
+    assert_eq!(defaults.failure_accrual.consecutive_failures, 7);
+    assert_eq!(defaults.failure_accrual.min_backoff, Duration::from_secs(1));
+    assert_eq!(defaults.failure_accrual.max_backoff, Duration::from_secs(60));
+    assert_eq!(defaults.queue_timeout, Duration::from_secs(1));
+    // Absent, empty, and partly written blocks all fill in the same defaults.
+    for block in [
+        "",
+        "\n    loadBalancer: {}",
+        "\n    loadBalancer: { failureAccrual: {} }",
+    ] {
+        let policy = parse(&format!("destinations:\n  - destination: web:80{block}\n"), "p").unwrap();
+        assert_eq!(
+            policy.destinations[&"web:80".parse().unwrap()].load_balancer,
+            defaults,
+            "{block:?}"
+        );
+    }
+    let policy = parse(
+        "destinations:\n  - destination: web:80\n    loadBalancer: { failureAccrual: { maxBackoff: 5m } }\n",
+        "p",
+    )
+    .unwrap();
+    let lb = &policy.destinations[&"web:80".parse().unwrap()].load_balancer;
+    assert_eq!(lb.failure_accrual.max_backoff, Duration::from_secs(300));
+    assert_eq!(
+        (
+            lb.failure_accrual.consecutive_failures,
+            lb.failure_accrual.min_backoff,
+            lb.queue_timeout
+        ),
+        (7, Duration::from_secs(1), Duration::from_secs(1)),
+        "the fields not written keep their defaults"
+    );
+}
+
+#[test]
 fn errors_carry_file_line_and_reason() {
     let cases = [
         // (yaml, line, fragment of the message)
@@ -144,6 +198,21 @@ fn errors_carry_file_line_and_reason() {
             "destinations:\n  - destination: web:80\n    retryBudget: {ttl: 2m}\n",
             3,
             "between 1s and 60s",
+        ),
+        (
+            "destinations:\n  - destination: web:80\n    loadBalancer: {failureAccrual: {consecutiveFailures: 1001}}\n",
+            3,
+            "loadBalancer.failureAccrual.consecutiveFailures 1001 is above 1000",
+        ),
+        (
+            "destinations:\n  - destination: web:80\n    loadBalancer:\n      failureAccrual: {minBackoff: 5s, maxBackoff: 2s}\n",
+            4,
+            "maxBackoff (2s) is shorter than minBackoff (5s)",
+        ),
+        (
+            "destinations:\n  - destination: web:80\n    loadBalancer:\n      queueTimeout: 0s\n",
+            4,
+            "loadBalancer.queueTimeout",
         ),
         (
             "destinations:\n  - destination: web:80\n    endpionts: []\n",
