@@ -328,7 +328,9 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(update)) => {
                             failures = 0;
-                            match compile(&update, &metrics) {
+                            let previous = tx.borrow().clone();
+                            let previous = previous.as_ref().and_then(|t| t.routes.as_deref());
+                            match compile(&update, &metrics, previous) {
                                 Ok(target) => {
                                     tx.send_replace(Some(Arc::new(target)));
                                 }
@@ -360,7 +362,12 @@ async fn follow(
 }
 
 /// An update, validated by the policy model's rules and compiled into the request matcher.
-fn compile(update: &DestinationUpdate, metrics: &HttpMetrics) -> Result<Target, String> {
+/// `previous`: the destination's last compiled version (its balancer carries over).
+fn compile(
+    update: &DestinationUpdate,
+    metrics: &HttpMetrics,
+    previous: Option<&policy::Destination>,
+) -> Result<Target, String> {
     let authorization = match &update.inbound_authorization {
         Some(a) => authorization_from_proto(a)?,
         None => None,
@@ -372,7 +379,7 @@ fn compile(update: &DestinationUpdate, metrics: &HttpMetrics) -> Result<Target, 
         });
     };
     Ok(Target {
-        routes: Some(Arc::new(policy::Destination::compile(destination, metrics)?)),
+        routes: Some(Arc::new(policy::Destination::compile(destination, metrics, previous)?)),
         authorization,
     })
 }

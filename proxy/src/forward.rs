@@ -82,7 +82,8 @@ pub enum Upstream<'a> {
 }
 
 /// Forwards `client` to `target` the way `upstream` says, sending `prefix` first; logs one line
-/// if anything fails.
+/// if anything fails. Returns how long reaching the upstream took (TCP, and mesh TLS when
+/// used), or `None` when it could not be reached: a balancer's view of the endpoint.
 #[allow(clippy::too_many_arguments)]
 pub async fn proxy_opaque<C: Socket>(
     mut client: C,
@@ -93,8 +94,9 @@ pub async fn proxy_opaque<C: Socket>(
     upstream: Upstream<'_>,
     settings: ForwardSettings,
     metrics: &TcpMetrics,
-) {
+) -> Option<Duration> {
     let dir = direction.as_str();
+    let started = tokio::time::Instant::now();
     // The transport connects to the target's proxy, not to the target's port.
     let address = match &upstream {
         Upstream::Transport(_, transport, _) => transport.peer_proxy(target).unwrap_or(target),
@@ -106,27 +108,32 @@ pub async fn proxy_opaque<C: Socket>(
             metrics.connect_errors.inc();
             tracing::warn!(direction = dir, %peer, %target, %address, %error, "upstream connect failed");
             transport::reset_on_close(client.tcp());
-            return;
+            return None;
         }
     };
     let (tls, id) = match upstream {
         Upstream::Plain => {
+            let connected = started.elapsed();
             let mut server = server;
             let result = relay(&mut client, &mut server, prefix, settings.idle_timeout, metrics).await;
-            return log_end(dir, peer, target, result);
+            log_end(dir, peer, target, result);
+            return Some(connected);
         }
         Upstream::Mesh(mesh, id) => (mesh.connect(server, &id).await, id),
         Upstream::Transport(mesh, transport, id) => (transport.open(mesh, server, &id, target.port()).await, id),
     };
     match tls {
         Ok(mut tls) => {
+            let connected = started.elapsed();
             let result = relay(&mut client, &mut tls, prefix, settings.idle_timeout, metrics).await;
-            log_end(dir, peer, target, result)
+            log_end(dir, peer, target, result);
+            Some(connected)
         }
         Err(error) => {
             metrics.connect_errors.inc();
             tracing::warn!(direction = dir, %peer, %target, %address, %id, %error, "mesh TLS to the upstream failed");
             transport::reset_on_close(client.tcp());
+            None
         }
     }
 }

@@ -120,7 +120,7 @@ impl Inbound {
                     self.forward,
                     metrics,
                 )
-                .await
+                .await;
             }
             // Denied TCP: closing is the only answer TCP has.
             Protocol::Tls | Protocol::Opaque => {}

@@ -5,17 +5,21 @@
 //!   → detect the protocol
 //!   → HTTP: the HTTP stack (routes, timeouts, retries, metrics), in the app's protocol; its
 //!     upstream connections are mesh TLS when discovery says the target is meshed
-//!   → anything else: opaque bytes; to a meshed target in mesh TLS through the opaque transport
-//!     (to the target's proxy's inbound port, the target's port in a header), plain otherwise
+//!   → anything else: opaque bytes, balanced per connection over the destination's endpoints
+//!     when it has some; to a meshed target in mesh TLS through the opaque transport (to the
+//!     target's proxy's inbound port, the target's port in a header), plain otherwise
 //! ```
 //!
 //! Our upstream connections are not redirected back to us because they leave from the proxy's
 //! UID, which iptables-init exempts in the OUTPUT chain.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::time::Instant;
 
 use crate::{
     accept::Accepted,
+    balance::Picked,
     detect::{DetectSettings, PrefixedIo, Protocol},
     forward::{self, ForwardSettings, Upstream},
     http::{HttpProxy, upstream::Version},
@@ -50,9 +54,21 @@ impl Outbound {
             }
             Protocol::Tls | Protocol::Opaque => {
                 let mesh = self.mesh.as_deref();
-                let security = match mesh {
-                    Some(mesh) => mesh.security_for(target).await,
-                    None => Security::Plain,
+                let started = Instant::now();
+                let (target, picked, decided) = match self.balance(target).await {
+                    Balanced::No => (target, None, None),
+                    Balanced::Picked(picked, decided) => (picked.address(), Some(picked), decided),
+                    Balanced::NoHealthyEndpoint => {
+                        self.http.balance.no_healthy_endpoint.inc();
+                        tracing::info!(%peer, %target, "no healthy endpoint; connection reset");
+                        crate::transport::reset_on_close(&stream);
+                        return;
+                    }
+                };
+                let security = match (decided, mesh) {
+                    (Some(decided), _) => decided,
+                    (None, Some(mesh)) => mesh.security_for(target).await,
+                    (None, None) => Security::Plain,
                 };
                 let id = match &security {
                     Security::Mesh(id) => Some(id.as_str()),
@@ -72,7 +88,7 @@ impl Outbound {
                     _ => Upstream::Plain,
                 };
                 let (forward, metrics) = (self.forward, &self.metrics);
-                forward::proxy_opaque(
+                let connected = forward::proxy_opaque(
                     stream,
                     &prefix,
                     peer,
@@ -82,8 +98,50 @@ impl Outbound {
                     forward,
                     metrics,
                 )
-                .await
+                .await;
+                // The endpoint held this connection until now (its load); its latency is the
+                // time to reach it, and failing to reach it is a failure.
+                if let Some(picked) = picked {
+                    picked.complete(connected.unwrap_or_else(|| started.elapsed()), connected.is_none());
+                }
             }
         }
     }
+
+    /// Where an opaque connection to `target` goes: one of its destination's endpoints (the
+    /// control plane's answer for the address, else the route file's entry), unless `target`
+    /// is one of them itself or there are none.
+    async fn balance(&self, target: SocketAddr) -> Balanced {
+        let answered = match self.mesh.as_ref().and_then(|m| m.discovery.as_ref()) {
+            Some(discovery) => discovery.lookup(target).await.and_then(|t| t.routes.clone()),
+            None => None,
+        };
+        let from_control_plane = answered.is_some();
+        let destination = match answered {
+            Some(destination) => destination,
+            None => self.http.policy.load().destination_by_addr(target).clone(),
+        };
+        let Some(balancer) = &destination.balancer else {
+            return Balanced::No;
+        };
+        if destination.endpoint(target).is_some() {
+            return Balanced::No;
+        }
+        match balancer.pick_within(destination.queue_timeout).await {
+            Ok(picked) => {
+                let decided = picked.endpoint().security(from_control_plane);
+                Balanced::Picked(picked, decided)
+            }
+            Err(_) => Balanced::NoHealthyEndpoint,
+        }
+    }
+}
+
+/// An opaque connection's balancing decision.
+enum Balanced {
+    /// Not balanced: to the original destination.
+    No,
+    /// To this endpoint, under its security decision (`None`: discovery is asked by address).
+    Picked(Picked, Option<Security>),
+    NoHealthyEndpoint,
 }

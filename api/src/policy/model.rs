@@ -795,7 +795,7 @@ fn default_max_backoff() -> Duration {
 }
 
 fn default_queue_timeout() -> Duration {
-    Duration::from_secs(1)
+    Duration::from_secs(3)
 }
 
 /// Above this, an endpoint would effectively never leave rotation; likely a typo.

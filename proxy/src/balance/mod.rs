@@ -34,6 +34,7 @@
 //! endpoint completes harmlessly into statistics no one reads any more.
 
 mod endpoint;
+pub mod metrics;
 #[cfg(test)]
 mod tests;
 
@@ -96,6 +97,7 @@ pub enum PickError {
 /// The balancer of one destination; shared (`Arc`) by every connection to it.
 pub struct Balancer {
     list: ArcSwap<List>,
+    settings: BalancerSettings,
     tuning: Tuning,
     default_rtt: Duration,
     /// Serialises updates, so two at once cannot both create statistics for the same address.
@@ -182,10 +184,16 @@ impl Balancer {
                 slots: Vec::new(),
                 tuning,
             }),
+            settings,
             tuning,
             default_rtt: settings.default_rtt,
             updating: Mutex::new(()),
         }
+    }
+
+    /// What it was made with: a policy update with other settings needs a new balancer.
+    pub fn settings(&self) -> &BalancerSettings {
+        &self.settings
     }
 
     /// Replaces the endpoints: addresses that remain keep their statistics (latency, failures,
@@ -241,6 +249,34 @@ impl Balancer {
             return Ok(picked);
         }
         self.pick_among_usable(list, now)
+    }
+
+    /// [`pick`](Self::pick), waiting while no endpoint is usable, for the earliest backoff to
+    /// end (or a probe's answer), at most `limit`: a destination with no usable endpoint fails
+    /// fast instead of hanging.
+    pub async fn pick_within(&self, limit: Duration) -> Result<Picked, PickError> {
+        /// While every endpoint is probing (no backoff end to wait for), how often to look again.
+        const PROBE_POLL: Duration = Duration::from_millis(10);
+        let deadline = Instant::now() + limit;
+        loop {
+            let error = match self.pick() {
+                Ok(picked) => return Ok(picked),
+                Err(error) => error,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(error);
+            }
+            let wake = match error {
+                PickError::Unavailable {
+                    next_ready: Some(at), ..
+                } => at,
+                PickError::Unavailable { next_ready: None, .. } => now + PROBE_POLL,
+                // Nothing will come back by waiting; an update would have to add endpoints.
+                PickError::NoEndpoints => return Err(error),
+            };
+            tokio::time::sleep_until(wake.min(deadline).max(now)).await;
+        }
     }
 
     /// Endpoints by state, for a gauge. No allocation.

@@ -100,6 +100,7 @@ async fn the_background_task_drops_unused_destinations() {
 
 fn update(routes: Vec<proto::Route>) -> DestinationUpdate {
     DestinationUpdate {
+        load_balancer: None,
         destination: "api.shop.svc.cluster.local:8080".into(),
         known: true,
         endpoints: vec![
@@ -133,7 +134,7 @@ fn an_update_compiles_into_routes_and_endpoints() {
         }),
         ..Default::default()
     };
-    let target = compile(&update(vec![route]), &metrics).unwrap();
+    let target = compile(&update(vec![route]), &metrics, None).unwrap();
     let routes = target.routes.as_ref().unwrap();
     let req = http::Request::get("/x").body(()).unwrap();
     let route = routes.route(&req);
@@ -146,7 +147,8 @@ fn an_update_compiles_into_routes_and_endpoints() {
         target.identity(ep).map(SpiffeId::as_str),
         Some("spiffe://cluster.local/ns/shop/sa/api.v2")
     );
-    assert_eq!(routes.pick().map(|e| e.address), Some(ep));
+    let picked = routes.balancer.as_ref().and_then(|b| b.pick().ok());
+    assert_eq!(picked.map(|p| p.address()), Some(ep));
 }
 
 #[test]
@@ -177,11 +179,11 @@ fn an_invalid_update_is_refused_by_the_files_rules() {
         },
     ] {
         let name = bad.name.clone();
-        assert!(compile(&update(vec![bad]), &metrics).is_err(), "{name}");
+        assert!(compile(&update(vec![bad]), &metrics, None).is_err(), "{name}");
     }
     let mut unknown = update(Vec::new());
     unknown.known = false;
-    let target = compile(&unknown, &metrics).unwrap();
+    let target = compile(&unknown, &metrics, None).unwrap();
     assert!(target.routes.is_none());
 }
 

@@ -32,6 +32,9 @@ pub enum ProxyError {
     RequestTimeout,
     #[error("backend request timeout")]
     AttemptTimeout,
+    /// Every endpoint of a balanced destination stayed out of rotation for the queue time.
+    #[error("no healthy endpoint")]
+    NoHealthyEndpoint,
 }
 
 impl ProxyError {
@@ -40,6 +43,7 @@ impl ProxyError {
             ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::RequestTimeout | ProxyError::AttemptTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -51,6 +55,7 @@ impl ProxyError {
             ProxyError::RequestBody(_) => "invalid request body",
             ProxyError::RequestTimeout => "request timeout",
             ProxyError::AttemptTimeout => "backend request timeout",
+            ProxyError::NoHealthyEndpoint => "no healthy endpoint",
         }
     }
 

@@ -59,6 +59,8 @@ pub struct HttpMetrics {
     budget_exhausted: Family<RouteLabels, Counter>,
     pub config_reloads_ok: Counter,
     pub config_reloads_failed: Counter,
+    /// The destinations' balancers (made where routes are compiled, so listed here).
+    pub balance: crate::balance::metrics::BalanceMetrics,
 }
 
 /// Handles for one route in one direction.
@@ -103,6 +105,7 @@ impl HttpMetrics {
             budget_exhausted: Family::default(),
             config_reloads_ok: Counter::default(),
             config_reloads_failed: Counter::default(),
+            balance: crate::balance::metrics::BalanceMetrics::register(registry),
         };
         registry.register(
             "http_requests",

@@ -4,7 +4,8 @@
 //! with one job, outermost first:
 //!
 //! ```text
-//! route → metrics → authz → errors → timeout(request) → retry → timeout(backendRequest) → upstream
+//! route → metrics → authz → errors → timeout(request) → retry → balance
+//!       → timeout(backendRequest) → upstream
 //! ```
 //!
 //! - `route` picks the route (and backend) from the live policy;
@@ -12,9 +13,11 @@
 //! - `authz` answers 403 on a connection the port's authorization policy denies;
 //! - `errors` turns proxy failures into synthetic responses with `pillion-proxy-error`;
 //! - the request timeout covers all attempts, the backend-request timeout one attempt;
+//! - `balance` picks each attempt's endpoint of a balanced destination and learns from its outcome;
 //! - `upstream` sends on a pooled connection in the client's protocol.
 
 pub mod authz;
+pub mod balance;
 pub mod body;
 pub mod errors;
 pub mod framing;
@@ -69,6 +72,7 @@ pub struct HttpProxy {
     pub drain: Drain,
     /// The direction's TCP counters: an HTTP connection's bytes count like an opaque one's.
     pub tcp: TcpMetrics,
+    pub balance: crate::balance::metrics::BalanceMetrics,
 }
 
 impl HttpProxy {
@@ -104,6 +108,9 @@ impl HttpProxy {
             .layer(errors::ErrorLayer)
             .layer(timeout::TimeoutLayer(timeout::Scope::Request))
             .layer(retry::RetryLayer)
+            .layer(balance::BalanceLayer {
+                metrics: self.balance.clone(),
+            })
             .layer(timeout::TimeoutLayer(timeout::Scope::Attempt))
             .service(Upstream::new(self.pool.clone(), version));
         // HTTP/1 only: how the framing guard learns whether an upgrade request switched.

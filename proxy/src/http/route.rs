@@ -12,9 +12,10 @@
 //! 5. the default route
 //! ```
 //!
-//! Where the request goes: a `backendRef` of the route, else, for a destination the control
-//! plane lists endpoints for, the original destination when it is one of them (the app's choice
-//! stands) or else one of them by weight; else the original destination. The security decision
+//! Where the request goes: a `backendRef` of the route, else, for a destination with endpoints,
+//! the original destination when it is one of them (the app's choice stands) or else the one the
+//! destination's balancer picks for each attempt ([`super::balance`]); else the original
+//! destination. The security decision
 //! (mesh TLS to which identity) comes from the same answer, so a request sent by name to a
 //! meshed destination is mTLS, and an answer's change applies to the very next request.
 //!
@@ -27,6 +28,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use http::header;
@@ -35,6 +37,7 @@ use tower::{Layer, Service, retry::budget::TpsBudget};
 
 use super::ProxyRequest;
 use crate::{
+    balance::Balancer,
     discovery::{Answer, Discovery, Handle, Held, Target, lock},
     mesh::Security,
     metrics::Direction,
@@ -58,6 +61,27 @@ pub struct RouteCtx {
     pub retry_buffer_bytes: usize,
     /// The request is gRPC (`content-type: application/grpc…`): errors become grpc-status.
     pub grpc: bool,
+    /// Each attempt's endpoint is picked by this balancer (which then sets `target` and
+    /// `security`); `None`: `target` is final.
+    pub balance: Option<Balanced>,
+}
+
+/// A destination whose endpoints are balanced per attempt.
+#[derive(Clone)]
+pub struct Balanced {
+    pub balancer: Arc<Balancer>,
+    /// How long an attempt may wait for a usable endpoint before 503.
+    pub queue_timeout: Duration,
+    /// Whether the endpoints are the control plane's (their identities decide mesh TLS either
+    /// way) or the route file's (which can require mesh TLS but never waive it).
+    pub from_control_plane: bool,
+}
+
+impl Balanced {
+    /// The security decision for a picked endpoint; `None`: the upstream asks discovery.
+    pub fn security(&self, endpoint: &Endpoint) -> Option<Security> {
+        endpoint.security(self.from_control_plane)
+    }
 }
 
 /// One connection's handles into discovery: its original destination's, and the last
@@ -214,10 +238,11 @@ impl RouteLayer {
         };
         let route = destination.route(req).clone();
         let dst_answer = answers.and_then(|a| a.dst.as_deref());
-        let (target, security) = self.target(&route, destination, from_control_plane, dst_answer);
+        let (target, security, balance) = self.target(&route, destination, from_control_plane, dst_answer);
         let ctx = RouteCtx {
             target,
             security,
+            balance,
             budget: destination.budget.clone(),
             route,
             direction: self.direction,
@@ -235,11 +260,11 @@ impl RouteLayer {
         destination: &Destination,
         from_control_plane: bool,
         dst_answer: Option<&Target>,
-    ) -> (SocketAddr, Option<Security>) {
+    ) -> (SocketAddr, Option<Security>, Option<Balanced>) {
         // Inbound, the upstream is always the app at the original destination: a client's Host
         // never sends the request anywhere else.
         if self.direction == Direction::Inbound {
-            return (self.dst, None);
+            return (self.dst, None, None);
         }
         // The control plane's word on `addr`: its endpoint there, in the destination it sent or
         // in its answer for the dialled address.
@@ -270,13 +295,22 @@ impl RouteLayer {
             }
         };
         if let Some(backend) = route.backend() {
-            return (backend, decided(backend));
+            return (backend, decided(backend), None);
         }
         // The app's choice stands when it dialled one of the endpoints.
-        if let Some(endpoint) = destination.endpoint(self.dst).or_else(|| destination.pick()) {
-            return (endpoint.address, decided(endpoint.address));
+        if let Some(endpoint) = destination.endpoint(self.dst) {
+            return (endpoint.address, decided(endpoint.address), None);
         }
-        (self.dst, decided(self.dst))
+        if let Some(balancer) = &destination.balancer {
+            let balanced = Balanced {
+                balancer: balancer.clone(),
+                queue_timeout: destination.queue_timeout,
+                from_control_plane,
+            };
+            // The target and security are each attempt's pick's.
+            return (self.dst, None, Some(balanced));
+        }
+        (self.dst, decided(self.dst), None)
     }
 }
 
@@ -396,21 +430,40 @@ destinations:
         req.extensions().get::<RouteCtx>().unwrap().clone()
     }
 
+    /// The endpoint the balancer picks for a routed request, and its security decision.
+    fn picked(ctx: &RouteCtx) -> (SocketAddr, Option<Security>) {
+        let balanced = ctx.balance.as_ref().expect("a destination with endpoints is balanced");
+        let picked = balanced.balancer.pick().expect("an endpoint in rotation");
+        (picked.address(), balanced.security(picked.endpoint()))
+    }
+
     #[test]
     fn inbound_never_leaves_the_app_whatever_the_host() {
         let ctx = routed(&layer(Direction::Inbound), "db.shop:5432");
         assert_eq!(ctx.target, "10.0.0.9:8080".parse().unwrap());
+        assert!(ctx.balance.is_none());
         let outbound = routed(&layer(Direction::Outbound), "db.shop:5432");
-        assert_eq!(outbound.target, "10.0.0.5:5432".parse().unwrap());
+        assert_eq!(picked(&outbound).0, "10.0.0.5:5432".parse().unwrap());
     }
 
     #[test]
     fn the_file_can_require_mesh_tls_but_never_waives_it() {
         let layer = layer(Direction::Outbound);
-        let web = routed(&layer, "web.shop");
-        assert_eq!(web.target, "10.0.0.7:8080".parse().unwrap());
-        assert!(matches!(web.security, Some(Security::Mesh(ref id)) if id.as_str() == "spiffe://td/ns/shop/sa/web"));
+        let (target, security) = picked(&routed(&layer, "web.shop"));
+        assert_eq!(target, "10.0.0.7:8080".parse().unwrap());
+        assert!(matches!(security, Some(Security::Mesh(ref id)) if id.as_str() == "spiffe://td/ns/shop/sa/web"));
         // No identity in the file: the upstream asks discovery by address, not "plaintext".
-        assert!(routed(&layer, "db.shop:5432").security.is_none());
+        assert!(picked(&routed(&layer, "db.shop:5432")).1.is_none());
+    }
+
+    #[test]
+    fn a_dialled_endpoint_is_not_balanced_away() {
+        let metrics = HttpMetrics::register(&mut Registry::default());
+        let file = Policy::compile(policy::parse(FILE, "routes.yaml").unwrap(), &metrics).unwrap();
+        let dst = "10.0.0.5:5432".parse().unwrap();
+        let layer = RouteLayer::new(Arc::new(ArcSwap::from_pointee(file)), Direction::Outbound, dst, None);
+        let ctx = routed(&layer, "db.shop:5432");
+        assert!(ctx.balance.is_none(), "the app's choice of endpoint stands");
+        assert_eq!(ctx.target, dst);
     }
 }

@@ -38,10 +38,16 @@ type Handler = Arc<dyn Fn(Request<Incoming>, usize) -> Response<UpBody> + Send +
 
 /// A loopback HTTP/1+HTTP/2 server that counts requests; `handler` gets the request number.
 async fn upstream(handler: Handler) -> (SocketAddr, Arc<AtomicUsize>) {
+    upstream_after(handler, Duration::ZERO).await
+}
+
+/// [`upstream`], answering every request `delay` late (a slow endpoint).
+async fn upstream_after(handler: Handler, delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     let seen = count.clone();
+    let delay_all = delay;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let (handler, seen) = (handler.clone(), seen.clone());
@@ -51,13 +57,13 @@ async fn upstream(handler: Handler) -> (SocketAddr, Arc<AtomicUsize>) {
                     let handler = handler.clone();
                     async move {
                         // `x-delay-ms` makes the upstream slow without blocking the runtime.
+                        let slow = delay_all;
                         let delay = req
                             .headers()
                             .get("x-delay-ms")
                             .and_then(|v| v.to_str().ok()?.parse().ok());
-                        if let Some(ms) = delay {
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                        }
+                        let delay = delay.unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(delay) + slow).await;
                         Ok::<_, Infallible>(handler(req, n))
                     }
                 });
@@ -111,6 +117,7 @@ fn proxy_with_idle_timeout(
         },
         drain: Drain::new(),
         tcp: metrics.tcp(Direction::Outbound),
+        balance: metrics.http.balance.clone(),
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
@@ -681,4 +688,115 @@ async fn an_h2c_upgrade_is_forwarded_as_plain_http1() {
         proxy.metric(r#"pillion_http_requests_total{direction="outbound",route="api",status_code="200"}"#),
         2
     );
+}
+
+/// Three endpoints of `web:80`, the client dialling none of them (as an app dials a ClusterIP).
+fn balanced_routes(endpoints: &[SocketAddr], extra: &str) -> String {
+    let list = endpoints
+        .iter()
+        .map(|e| format!("{{ address: \"{e}\" }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("destinations:\n  - destination: web:80\n    endpoints: [{list}]\n{extra}")
+}
+
+/// An address nothing listens on: connections to it are refused at once.
+fn dead_endpoint() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+const CLUSTER_IP: &str = "10.96.0.10:80";
+
+#[tokio::test]
+async fn requests_are_balanced_away_from_a_slow_endpoint() {
+    let ok: Handler = Arc::new(|_, _| text(200, "ok"));
+    let (fast1, hits1) = upstream(ok.clone()).await;
+    let (fast2, hits2) = upstream(ok.clone()).await;
+    let (slow, slow_hits) = upstream_after(ok, Duration::from_millis(300)).await;
+    let routes = balanced_routes(&[fast1, fast2, slow], "");
+    let (io, _proxy) = proxy(&routes, Version::Http2, CLUSTER_IP.parse().unwrap());
+    let client = h2_client(io).await;
+    // 4 callers at once, 40 requests each: concurrency lets in-flight counts matter too.
+    let callers = (0..4).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                let req = Request::get("http://web/x").body(Full::default()).unwrap();
+                let rsp = client.send_request(req).await.unwrap();
+                assert_eq!(rsp.status(), 200);
+            }
+        })
+    });
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let (a, b, s) = (
+        hits1.load(Ordering::SeqCst),
+        hits2.load(Ordering::SeqCst),
+        slow_hits.load(Ordering::SeqCst),
+    );
+    assert_eq!(a + b + s, 160, "every request reached one endpoint");
+    // Before its first answer the slow endpoint looks like any new one, so it gets a few.
+    assert!(
+        s <= 16,
+        "the slow endpoint got {s} of 160 ({a} and {b} to the fast ones)"
+    );
+    assert!(a >= 30 && b >= 30, "both fast endpoints share the load: {a} and {b}");
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_costs_a_few_requests_at_most() {
+    let (live, live_hits) = upstream(Arc::new(|_, _| text(200, "ok"))).await;
+    let routes = balanced_routes(&[live, dead_endpoint()], "");
+    let (io, _proxy) = proxy(&routes, Version::Http1, CLUSTER_IP.parse().unwrap());
+    let mut client = h1_client(io).await;
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        let rsp = client.send_request(get("/x")).await.unwrap();
+        statuses.push(rsp.status().as_u16());
+        let _ = body_of(rsp).await;
+    }
+    let failed = statuses.iter().filter(|s| **s == 502).count();
+    // A refused connection never makes the endpoint look fast (its estimate keeps the slower
+    // value), the live one's answers do: the dead one loses nearly every comparison (it wins
+    // one only when the live one has just had a slow answer), and its failures are all in a
+    // row, so after 7 accrual takes it out whatever the latencies say.
+    assert!((1..=7).contains(&failed), "{failed} requests failed: {statuses:?}");
+    assert_eq!(live_hits.load(Ordering::SeqCst), 60 - failed);
+}
+
+#[tokio::test]
+async fn no_healthy_endpoint_fails_fast_with_503() {
+    let routes = balanced_routes(
+        &[dead_endpoint(), dead_endpoint()],
+        "    loadBalancer: { queueTimeout: 200ms }\n",
+    );
+    let (io, proxy) = proxy(&routes, Version::Http1, CLUSTER_IP.parse().unwrap());
+    let mut client = h1_client(io).await;
+    // 14 refused connections trip both endpoints; the next request queues for the queue time
+    // (both backoffs outlast it), then gets the proxy's own answer.
+    let mut statuses = Vec::new();
+    for _ in 0..15 {
+        let rsp = client.send_request(get("/x")).await.unwrap();
+        statuses.push(rsp.status().as_u16());
+        if rsp.status() == 503 {
+            assert_eq!(rsp.headers()["pillion-proxy-error"], "no healthy endpoint");
+        }
+        let _ = body_of(rsp).await;
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 502).count(), 14, "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&503), "{statuses:?}");
+    assert_eq!(proxy.metric("pillion_balancer_no_healthy_endpoint_total"), 1);
+    assert_eq!(
+        proxy.metric(r#"pillion_balancer_endpoints{destination="web:80",state="backoff"}"#),
+        2
+    );
+    let text = proxy.metrics.encode();
+    let per_endpoint = text
+        .lines()
+        .filter(|l| l.starts_with(r#"pillion_balancer_endpoint_requests_total{destination="web:80",endpoint="127.0.0.1:"#))
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(per_endpoint, ["7", "7"], "{text}");
 }

@@ -831,7 +831,9 @@ mod tests {
                 crate::http::metrics::HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
             let spec = policy.destinations.into_values().next().unwrap();
             Target {
-                routes: Some(Arc::new(crate::policy::Destination::compile(spec, &metrics).unwrap())),
+                routes: Some(Arc::new(
+                    crate::policy::Destination::compile(spec, &metrics, None).unwrap(),
+                )),
                 authorization: None,
             }
         }
@@ -864,6 +866,7 @@ mod tests {
                 },
                 drain: Drain::new(),
                 tcp: metrics.tcp(Direction::Outbound),
+                balance: metrics.http.balance.clone(),
             });
 
             // Discovery has not answered within its first wait: plaintext, and the connection is held.

@@ -20,7 +20,9 @@ use tower::retry::budget::TpsBudget;
 
 use crate::{
     authz::Authorization,
+    balance::{Balancer, BalancerSettings, FailureAccrual},
     http::metrics::{HttpMetrics, RouteMetrics},
+    mesh::Security,
     tls::spiffe::SpiffeId,
 };
 use pillion_api::policy::model::{
@@ -47,6 +49,12 @@ pub struct Destination {
     /// Endpoints, with the identity each must present (weight 0: out of rotation). Empty: the
     /// connection's original destination (or a route's `backendRefs`) is where requests go.
     pub endpoints: Vec<Endpoint>,
+    /// Balances requests over the endpoints in rotation; `None` when none is (weight 0 only, or
+    /// no endpoints). Shared with the destination's previous versions, so an update keeps what
+    /// was learnt about the endpoints that remain.
+    pub balancer: Option<Arc<Balancer>>,
+    /// How long a request waits for a usable endpoint before it is answered 503.
+    pub queue_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -56,6 +64,19 @@ pub struct Endpoint {
     pub identity: Option<SpiffeId>,
     pub weight: u32,
     pub protocol: ProtocolHint,
+}
+
+impl Endpoint {
+    /// The security decision for a connection to this endpoint. The control plane's endpoints
+    /// decide either way; a route file's can require mesh TLS but never waive it, so without an
+    /// identity there: `None`, and discovery is asked by address.
+    pub fn security(&self, from_control_plane: bool) -> Option<Security> {
+        match (&self.identity, from_control_plane) {
+            (identity, true) => Some(Security::from_identity(identity.clone())),
+            (Some(id), false) => Some(Security::Mesh(id.clone())),
+            (None, false) => None,
+        }
+    }
 }
 
 struct Rule {
@@ -108,7 +129,8 @@ impl Policy {
         let mut by_host: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>> = HashMap::new();
         let mut by_addr = HashMap::new();
         for (key, spec) in policy.destinations {
-            let dst = Arc::new(Destination::compile(spec, metrics).map_err(|e| format!("destination {key}: {e}"))?);
+            let dst =
+                Arc::new(Destination::compile(spec, metrics, None).map_err(|e| format!("destination {key}: {e}"))?);
             match key.as_str().parse::<SocketAddr>() {
                 Ok(addr) => {
                     by_addr.insert(addr, dst);
@@ -195,7 +217,13 @@ impl Policy {
 
 impl Destination {
     /// Compiles one destination of the model: the local file's, or one the control plane sent.
-    pub fn compile(spec: model::Destination, metrics: &HttpMetrics) -> Result<Self, String> {
+    /// `previous`: the same destination's last compiled version, whose balancer (latency
+    /// estimates, failure accrual) carries over to the endpoints that remain.
+    pub fn compile(
+        spec: model::Destination,
+        metrics: &HttpMetrics,
+        previous: Option<&Destination>,
+    ) -> Result<Self, String> {
         let mut rules = Vec::new();
         for (r, route_spec) in spec.routes.into_iter().enumerate() {
             // A route without `matches` matches every request (Gateway API: implicit `PathPrefix /`).
@@ -228,12 +256,36 @@ impl Destination {
                 weight: e.weight,
                 protocol: e.protocol,
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let lb = &spec.load_balancer;
+        let settings = BalancerSettings {
+            failure_accrual: FailureAccrual {
+                consecutive_failures: lb.failure_accrual.consecutive_failures,
+                min_backoff: lb.failure_accrual.min_backoff,
+                max_backoff: lb.failure_accrual.max_backoff,
+            },
+            ..BalancerSettings::default()
+        };
+        let balancer = endpoints.iter().any(|e| e.weight > 0).then(|| {
+            let balancer = previous
+                .and_then(|p| p.balancer.as_ref())
+                .filter(|b| *b.settings() == settings)
+                .cloned()
+                .unwrap_or_else(|| {
+                    let balancer = Arc::new(Balancer::new(settings));
+                    metrics.balance.balancers.add(spec.destination.as_str(), &balancer);
+                    balancer
+                });
+            balancer.update(&endpoints);
+            balancer
+        });
         Ok(Destination {
             rules: rules.into_iter().map(|(_, _, rule)| rule).collect(),
             default_route: Arc::new(Route::default_route(metrics)),
             budget: Arc::new(budget(&spec.retry_budget)),
             endpoints,
+            balancer,
+            queue_timeout: lb.queue_timeout,
         })
     }
 
@@ -247,30 +299,14 @@ impl Destination {
         self.endpoint(address)?.identity.as_ref()
     }
 
-    /// An endpoint chosen at random in proportion to its weight.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        let total: u64 = self.endpoints.iter().map(|e| u64::from(e.weight)).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut pick = fastrand::u64(0..total);
-        self.endpoints.iter().find(|e| {
-            let w = u64::from(e.weight);
-            if pick < w {
-                true
-            } else {
-                pick -= w;
-                false
-            }
-        })
-    }
-
     fn fallback(metrics: &HttpMetrics) -> Self {
         Destination {
             rules: Vec::new(),
             default_route: Arc::new(Route::default_route(metrics)),
             budget: Arc::new(budget(&model::RetryBudget::default())),
             endpoints: Vec::new(),
+            balancer: None,
+            queue_timeout: model::LoadBalancer::default().queue_timeout,
         }
     }
 

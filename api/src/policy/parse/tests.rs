@@ -122,7 +122,7 @@ fn load_balancing_defaults_are_linkerds() {
     assert_eq!(defaults.failure_accrual.consecutive_failures, 7);
     assert_eq!(defaults.failure_accrual.min_backoff, Duration::from_secs(1));
     assert_eq!(defaults.failure_accrual.max_backoff, Duration::from_secs(60));
-    assert_eq!(defaults.queue_timeout, Duration::from_secs(1));
+    assert_eq!(defaults.queue_timeout, Duration::from_secs(3));
     // Absent, empty, and partly written blocks all fill in the same defaults.
     for block in [
         "",
