@@ -126,11 +126,27 @@ impl Policy {
     /// Compiles a validated policy (the model refused duplicates and bad values already).
     /// Errors name the destination.
     pub fn compile(policy: model::Policy, metrics: &HttpMetrics) -> Result<Self, String> {
+        Self::compile_after(policy, metrics, None)
+    }
+
+    /// [`compile`](Self::compile) for a reload: destinations the `previous` policy had keep
+    /// their balancers (what was learnt about their endpoints).
+    pub fn compile_after(
+        policy: model::Policy,
+        metrics: &HttpMetrics,
+        previous: Option<&Policy>,
+    ) -> Result<Self, String> {
         let mut by_host: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>> = HashMap::new();
         let mut by_addr = HashMap::new();
         for (key, spec) in policy.destinations {
-            let dst =
-                Arc::new(Destination::compile(spec, metrics, None).map_err(|e| format!("destination {key}: {e}"))?);
+            let before = previous.and_then(|p| match key.as_str().parse::<SocketAddr>() {
+                Ok(addr) => p.by_addr.get(&addr),
+                Err(_) => p.by_authority(key.as_str()),
+            });
+            let dst = Arc::new(
+                Destination::compile(spec, metrics, before.map(|d| &**d))
+                    .map_err(|e| format!("destination {key}: {e}"))?,
+            );
             match key.as_str().parse::<SocketAddr>() {
                 Ok(addr) => {
                     by_addr.insert(addr, dst);

@@ -26,11 +26,16 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Reads and compiles the file, or the empty policy when there is none.
 pub fn load(path: Option<&Path>, metrics: &HttpMetrics) -> Result<Policy, PolicyError> {
+    reload(path, metrics, None)
+}
+
+/// [`load`], keeping what the `previous` policy's balancers learnt about the endpoints.
+fn reload(path: Option<&Path>, metrics: &HttpMetrics, previous: Option<&Policy>) -> Result<Policy, PolicyError> {
     let Some(path) = path else {
         return Ok(Policy::empty(metrics));
     };
     let policy = pillion_api::policy::load(path)?;
-    Policy::compile(policy, metrics).map_err(|message| PolicyError::Invalid {
+    Policy::compile_after(policy, metrics, previous).map_err(|message| PolicyError::Invalid {
         origin: path.display().to_string(),
         message,
     })
@@ -47,9 +52,10 @@ pub async fn watch(path: PathBuf, shared: SharedPolicy, metrics: Arc<HttpMetrics
     loop {
         tick.tick().await;
         let (file, file_metrics, last) = (path.clone(), metrics.clone(), seen);
+        let previous = shared.load_full();
         let checked = tokio::task::spawn_blocking(move || {
             let now = stamp(&file);
-            let loaded = (now != last).then(|| load(Some(&file), &file_metrics));
+            let loaded = (now != last).then(|| reload(Some(&file), &file_metrics, Some(&previous)));
             (now, loaded)
         })
         .await;

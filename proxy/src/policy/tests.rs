@@ -201,3 +201,41 @@ fn an_authority_with_an_unparsable_port_names_no_destination() {
     assert_eq!(route_name(&p, Some("web:99999"), &req("GET", "/", &[])), DEFAULT_ROUTE);
     assert_eq!(route_name(&p, Some("web"), &req("GET", "/", &[])), "r");
 }
+
+#[test]
+fn a_reload_keeps_what_the_balancers_learnt_and_new_settings_start_afresh() {
+    let metrics = HttpMetrics::register(&mut Registry::default());
+    let yaml = |failures: u32| {
+        format!(
+            "destinations:\n  - destination: web:80\n    endpoints: [{{ address: \"10.0.0.1:80\" }}, {{ address: \"10.0.0.2:80\" }}]\n    loadBalancer: {{ failureAccrual: {{ consecutiveFailures: {failures} }} }}\n  - destination: 10.0.0.9:8080\n    endpoints: [{{ address: \"10.0.0.3:80\" }}]\n"
+        )
+    };
+    let load = |failures, previous: Option<&Policy>| {
+        Policy::compile_after(parse(&yaml(failures), "routes.yaml").unwrap(), &metrics, previous).unwrap()
+    };
+    let balancer = |p: &Policy, authority| {
+        let dst = p.destination(Some(authority), DST.parse().unwrap());
+        dst.balancer.clone().expect("balanced")
+    };
+    let first = load(7, None);
+    let reloaded = load(7, Some(&first));
+    for authority in ["web:80", "unnamed:1"] {
+        assert!(
+            Arc::ptr_eq(&balancer(&first, authority), &balancer(&reloaded, authority)),
+            "{authority}: same settings, same balancer"
+        );
+    }
+    // Other failure accrual: a balancer made with the new settings.
+    let changed = load(3, Some(&reloaded));
+    assert!(!Arc::ptr_eq(
+        &balancer(&reloaded, "web:80"),
+        &balancer(&changed, "web:80")
+    ));
+    assert_eq!(
+        balancer(&changed, "web:80")
+            .settings()
+            .failure_accrual
+            .consecutive_failures,
+        3
+    );
+}
