@@ -69,6 +69,10 @@ impl Inbound {
                         let Some((inner, prefix)) = self.detect.run(&mut tls, app.port()).await else {
                             return;
                         };
+                        // Counted again as what it carries: operators see how much of the mesh
+                        // traffic is HTTP/2 (between proxies, HTTP/1 travels as HTTP/2), HTTP/1
+                        // or opaque.
+                        self.metrics.detected(inner).inc();
                         self.serve(tls, inner, prefix, peer, app, Some(client_id)).await;
                     }
                     Err(error) => warn!(%peer, %error, "mesh TLS handshake failed"),

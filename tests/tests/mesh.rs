@@ -304,6 +304,19 @@ fn mesh_traffic_is_mutual_tls_with_both_identities() {
         "pillion_http_requests_total{direction=\"inbound\",status_code=\"200\"}",
         1.0,
     );
+    // Between the proxies the HTTP/1.1 request travelled as an HTTP/2 stream; B's app still got
+    // HTTP/1.1 (it answered the hand-written request's way, with its own `x-app`).
+    let b_metrics = mesh.b_admin().metrics();
+    assert!(
+        b_metrics.value("pillion_protocol_detections_total{direction=\"inbound\",protocol=\"http2\"}") >= 1.0,
+        "B's proxy detected HTTP/2 from A's: {}",
+        b_metrics.text()
+    );
+    assert_eq!(
+        b_metrics.value("pillion_protocol_detections_total{direction=\"inbound\",protocol=\"http1\"}"),
+        0.0,
+        "no HTTP/1 connection between the proxies"
+    );
 
     // gRPC (HTTP/2 with trailers) over the same mesh hop.
     let authority = mesh.http_addr().to_string();

@@ -112,7 +112,11 @@ impl HttpProxy {
                 metrics: self.balance.clone(),
             })
             .layer(timeout::TimeoutLayer(timeout::Scope::Attempt))
-            .service(Upstream::new(self.pool.clone(), version));
+            .service(Upstream::new(
+                self.pool.clone(),
+                version,
+                self.direction == Direction::Inbound,
+            ));
         // HTTP/1 only: how the framing guard learns whether an upgrade request switched.
         let upgrades = (version == Version::Http1).then(framing::UpgradeWatch::default);
         let guard_upgrades = upgrades.clone();

@@ -97,10 +97,20 @@ fn proxy_with_idle_timeout(
     dst: SocketAddr,
     idle_timeout: Duration,
 ) -> (DuplexStream, Proxy) {
+    proxy_in(Direction::Outbound, routes, version, dst, idle_timeout)
+}
+
+fn proxy_in(
+    direction: Direction,
+    routes: &str,
+    version: Version,
+    dst: SocketAddr,
+    idle_timeout: Duration,
+) -> (DuplexStream, Proxy) {
     let metrics = Arc::new(Metrics::new());
     let policy = Policy::compile(policy::parse(routes, "routes.yaml").unwrap(), &metrics.http).unwrap();
     let http = HttpProxy {
-        direction: Direction::Outbound,
+        direction,
         policy: Arc::new(ArcSwap::from_pointee(policy)),
         pool: Arc::new(Pool::new(
             ConnectSettings {
@@ -795,8 +805,61 @@ async fn no_healthy_endpoint_fails_fast_with_503() {
     let text = proxy.metrics.encode();
     let per_endpoint = text
         .lines()
-        .filter(|l| l.starts_with(r#"pillion_balancer_endpoint_requests_total{destination="web:80",endpoint="127.0.0.1:"#))
+        .filter(|l| {
+            l.starts_with(r#"pillion_balancer_endpoint_requests_total{destination="web:80",endpoint="127.0.0.1:"#)
+        })
         .map(|l| l.rsplit(' ').next().unwrap())
         .collect::<Vec<_>>();
     assert_eq!(per_endpoint, ["7", "7"], "{text}");
+}
+
+/// What the app saw of one request: version, headers, body and trailers.
+fn echo_request() -> Handler {
+    Arc::new(|req, _| {
+        let version = format!("{:?}", req.version());
+        let host = req.headers().get("host").map(|h| h.to_str().unwrap().to_owned());
+        let marked = req.headers().contains_key("pillion-orig-proto");
+        text_owned(format!("{version} host={host:?} marked={marked}"))
+    })
+}
+
+fn text_owned(body: String) -> Response<UpBody> {
+    Response::new(Full::new(Bytes::from(body)).boxed())
+}
+
+#[tokio::test]
+async fn a_peer_proxys_http1_request_carried_as_http2_reaches_the_app_as_http1() {
+    let (app, _) = upstream(echo_request()).await;
+    let (io, _proxy) = proxy_in(Direction::Inbound, "", Version::Http2, app, Duration::from_secs(10));
+    let mut client = h2_client(io).await;
+    let marked = Request::post("/submit")
+        .header("host", "web.shop")
+        .header("pillion-orig-proto", "HTTP/1.1")
+        .body(Full::new(Bytes::from_static(b"form")))
+        .unwrap();
+    let rsp = client.send_request(marked).await.unwrap();
+    assert_eq!(body_of(rsp).await, r#"HTTP/1.1 host=Some("web.shop") marked=false"#);
+    // Unmarked HTTP/2 stays HTTP/2, and a mark that is not a version is dropped, not obeyed.
+    let plain = Request::get("http://web.shop/").body(Full::default()).unwrap();
+    let rsp = client.send_request(plain).await.unwrap();
+    assert_eq!(body_of(rsp).await, "HTTP/2.0 host=None marked=false");
+    let bogus = Request::get("http://web.shop/")
+        .header("pillion-orig-proto", "HTTP/3")
+        .body(Full::default())
+        .unwrap();
+    let rsp = client.send_request(bogus).await.unwrap();
+    assert_eq!(body_of(rsp).await, "HTTP/2.0 host=None marked=false");
+}
+
+#[tokio::test]
+async fn an_apps_mark_never_leaves_the_outbound_proxy() {
+    let (app, _) = upstream(echo_request()).await;
+    let (io, _proxy) = proxy(API_ROUTE, Version::Http2, app);
+    let mut client = h2_client(io).await;
+    let req = Request::get("http://web/api")
+        .header("pillion-orig-proto", "HTTP/1.1")
+        .body(Full::default())
+        .unwrap();
+    let rsp = client.send_request(req).await.unwrap();
+    assert_eq!(body_of(rsp).await, "HTTP/2.0 host=None marked=false");
 }

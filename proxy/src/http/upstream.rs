@@ -15,6 +15,12 @@
 //!   `Upgrade: h2c` is never tunnelled: HTTP/2 inside a tunnel would bypass per-request routing,
 //!   metrics, timeouts and authorization, so (as Linkerd and Envoy do) the request goes on as
 //!   plain HTTP/1.1 without it.
+//! - HTTP/1 between proxies travels as HTTP/2: outbound, an HTTP/1 request to a meshed target
+//!   (whose mesh TLS a Pillion proxy terminates) becomes a stream on the one shared HTTP/2
+//!   connection to that target, marked [`ORIG_PROTO`]; the far proxy's inbound takes the mark
+//!   off and sends the request to its app as HTTP/1 again. Fewer connections and handshakes
+//!   between pods, and no head-of-line blocking of one client's requests behind another's.
+//!   Upgrades and `CONNECT` stay HTTP/1.1 on their own connection.
 
 use std::{
     collections::HashMap,
@@ -50,6 +56,11 @@ use crate::{
 
 type H1 = http1::SendRequest<super::body::RequestBody>;
 type H2 = http2::SendRequest<super::body::RequestBody>;
+
+/// Marks an HTTP/1 request carried as HTTP/2 between proxies, with its original version
+/// (`HTTP/1.1` or `HTTP/1.0`); the inbound proxy restores it for its app (Linkerd's
+/// `l5d-orig-proto`).
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("pillion-orig-proto");
 
 /// Idle HTTP/1 connections kept per target.
 const MAX_IDLE_PER_TARGET: usize = 32;
@@ -91,6 +102,8 @@ impl Version {
 pub struct Upstream {
     session: Arc<Session>,
     version: Version,
+    /// Inbound: HTTP/2 requests marked [`ORIG_PROTO`] go to the app in their original HTTP/1.
+    restores_http1: bool,
 }
 
 struct Session {
@@ -271,13 +284,15 @@ where
 }
 
 impl Upstream {
-    pub fn new(pool: Arc<Pool>, version: Version) -> Self {
+    /// `restores_http1`: inbound, where peers' proxies send HTTP/1 requests as HTTP/2.
+    pub fn new(pool: Arc<Pool>, version: Version, restores_http1: bool) -> Self {
         Upstream {
             session: Arc::new(Session {
                 pool,
                 held: Mutex::new(None),
             }),
             version,
+            restores_http1,
         }
     }
 }
@@ -294,8 +309,7 @@ impl Session {
     /// A ready HTTP/1 connection to `target` under the security decision in force, without
     /// waiting: the one this client connection holds, else an idle pooled one. `None` when the
     /// decision is not settled yet or no connection is ready.
-    fn ready_h1(&self, target: SocketAddr, decided: Option<&Security>) -> Option<(Key, H1)> {
-        let key = self.pool.settled_key(target, decided);
+    fn ready_h1(&self, key: Option<Key>) -> Option<(Key, H1)> {
         let held = self.held.lock().ok().and_then(|mut h| h.take());
         if let Some((held_key, tx)) = held {
             if Some(&held_key) == key.as_ref() {
@@ -353,12 +367,19 @@ impl Service<ProxyRequest> for Upstream {
         match self.version {
             Version::Http1 => {
                 strip_hop_by_hop(req.headers_mut());
-                match session.ready_h1(target, decided.as_ref()) {
+                let key = session.pool.settled_key(target, decided.as_ref());
+                if let Some(key) = key.as_ref().filter(|key| between_proxies(key)) {
+                    return Box::pin(send_h2(session, key.clone(), as_http2(req)));
+                }
+                match session.ready_h1(key) {
                     // The steady state of a keep-alive client: the request is handed to a ready
                     // connection right here, and the future only waits for the answer.
                     Some((key, tx)) => Box::pin(send_h1(session, key, tx, req)),
                     None => Box::pin(async move {
                         let key = session.pool.key(target, decided.as_ref()).await;
+                        if between_proxies(&key) {
+                            return send_h2(session, key, as_http2(req)).await;
+                        }
                         let tx = match session.pool.take_idle_h1(&key) {
                             Some(tx) => tx,
                             None => session.pool.connect_h1(&key, false).await?,
@@ -367,20 +388,86 @@ impl Service<ProxyRequest> for Upstream {
                     }),
                 }
             }
+            // A peer proxy's HTTP/1 request, carried as HTTP/2: to the app as it was sent.
+            Version::Http2 if self.restores_http1 && restore_http1(&mut req) => Box::pin(async move {
+                let key = session.pool.key(target, decided.as_ref()).await;
+                // The connection this one holds or an idle one (ready_h1 tries both), else a new one.
+                let tx = match session.ready_h1(Some(key.clone())) {
+                    Some((_, tx)) => tx,
+                    None => session.pool.connect_h1(&key, false).await?,
+                };
+                send_h1(session, key, tx, req).await
+            }),
             // No stripping here: hyper's HTTP/2 client and server remove connection-specific
             // headers from every request and response they send.
-            Version::Http2 => Box::pin(async move {
-                let key = session.pool.key(target, decided.as_ref()).await;
-                let mut tx = match session.pool.h2_ready(&key) {
-                    Some(tx) => tx,
-                    // Boxed: the handshake future is large and rarely needed.
-                    None => Box::pin(session.pool.h2(key)).await?,
-                };
-                let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
-                Ok(rsp.map(ResponseBody::Upstream))
-            }),
+            Version::Http2 => {
+                if !self.restores_http1 {
+                    // Only our own proxy marks a request; an app's mark is not passed on.
+                    req.headers_mut().remove(ORIG_PROTO);
+                }
+                Box::pin(async move {
+                    let key = session.pool.key(target, decided.as_ref()).await;
+                    send_h2(session, key, req).await
+                })
+            }
         }
     }
+}
+
+/// Whether requests under `key` go to a peer proxy: mesh TLS is terminated by a Pillion proxy,
+/// which takes HTTP/1 requests as HTTP/2 streams.
+fn between_proxies(key: &Key) -> bool {
+    matches!(key.1, Security::Mesh(_))
+}
+
+/// An HTTP/1 request (hop-by-hop headers already gone) marked for the far proxy to restore.
+fn as_http2(mut req: ProxyRequest) -> ProxyRequest {
+    let original = if req.version() == http::Version::HTTP_10 {
+        HeaderValue::from_static("HTTP/1.0")
+    } else {
+        HeaderValue::from_static("HTTP/1.1")
+    };
+    req.headers_mut().insert(ORIG_PROTO, original);
+    req
+}
+
+/// Takes the [`ORIG_PROTO`] mark off an HTTP/2 request and gives it back its HTTP/1 version;
+/// false (and nothing changed) for a request without a valid mark.
+fn restore_http1(req: &mut ProxyRequest) -> bool {
+    let version = match req.headers().get(ORIG_PROTO).map(HeaderValue::as_bytes) {
+        None => return false,
+        Some(b"HTTP/1.1") => http::Version::HTTP_11,
+        Some(b"HTTP/1.0") => http::Version::HTTP_10,
+        // Not ours: dropped, and the request stays HTTP/2.
+        Some(_) => {
+            req.headers_mut().remove(ORIG_PROTO);
+            return false;
+        }
+    };
+    req.headers_mut().remove(ORIG_PROTO);
+    *req.version_mut() = version;
+    // HTTP/1 needs a Host; a request that came as HTTP/1 has one, but the mark alone proves
+    // nothing about the sender, so one is made from the authority if it is missing.
+    if !req.headers().contains_key(header::HOST)
+        && let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    true
+}
+
+/// Sends `req` on the shared HTTP/2 connection for `key`, made if there is none.
+async fn send_h2(session: Arc<Session>, key: Key, req: ProxyRequest) -> Result<ProxyResponse, ProxyError> {
+    let mut tx = match session.pool.h2_ready(&key) {
+        Some(tx) => tx,
+        // Boxed: the handshake future is large and rarely needed.
+        None => Box::pin(session.pool.h2(key)).await?,
+    };
+    let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
+    Ok(rsp.map(ResponseBody::Upstream))
 }
 
 /// Sends `req` on `tx` now; the future waits for the response.
