@@ -71,6 +71,9 @@ const CONSECUTIVE_FAILURES: usize = 7;
 const WARM_UP_ATTEMPTS: usize = 5;
 const WARM_UP_LIMIT: Duration = Duration::from_secs(20);
 
+/// The node bridge's own MAC address (locally administered), set before any pod plugs in.
+const BRIDGE_MAC: &str = "02:00:0a:cc:00:01";
+
 /// Third octet of the next node's subnet (`10.204.<n>.0/24`).
 static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
 
@@ -163,6 +166,11 @@ impl Cluster {
 
         let node = Netns::new(&format!("{tag}-node"));
         let bridge = Bridge::new(&node, "br0", node_ip).unwrap_or_else(|e| panic!("{e}"));
+        // A bridge takes the lowest MAC of its ports unless given one, so its MAC changes as pods
+        // plug in, and a pod that learned the old one may lose its next SYN to the node (here:
+        // a proxy's first discovery connection, retried after the 1 s SYN timeout). A fixed MAC
+        // keeps the node's address stable, as a real node's is.
+        node.exec_ok("ip", &["link", "set", "br0", "address", BRIDGE_MAC]);
         let control = ControlPlane::start(
             &files,
             Some(&node),
@@ -239,10 +247,10 @@ impl Cluster {
     /// Calls each of `endpoints` directly at `port` (a TCP round trip on the echo port, else a
     /// `GET`) from the client app until it answers, a few times at most. An app that dials an
     /// endpoint itself is not balanced, so this touches no balancer; it makes each server pod's
-    /// proxy hold its inbound policy before the scenario starts. Without it, the first request to
-    /// a server pod is sometimes refused 403: its proxy had no answer from the control plane for
-    /// its port within the 1 s it waits, and refuses rather than fail open (reported separately;
-    /// the scenarios here are about balancing).
+    /// proxy hold its inbound policy before the scenario starts. Otherwise a pod's first request
+    /// depends on its proxy getting the control plane's answer for the port within the 1 s it
+    /// waits (it refuses with 403 rather than fail open), which a loaded machine can miss; the
+    /// scenarios here are about balancing.
     fn warm_up(&self, endpoints: &[usize], port: u16) {
         for &i in endpoints {
             let addr = self.names.endpoint(i, port);
