@@ -116,7 +116,6 @@ fn proxy(version: Version, upstream: SocketAddr) -> DuplexStream {
         },
         drain: Drain::new(),
         tcp: metrics.tcp(Direction::Outbound),
-        balance: metrics.http.balance.clone(),
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer = SocketAddr::from(([10, 0, 0, 1], 5555));

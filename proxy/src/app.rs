@@ -125,7 +125,6 @@ pub async fn run(config: Config, log: LogLevel) -> Result<(), AppError> {
         settings: http_settings,
         drain: drain.clone(),
         tcp: metrics.tcp(direction),
-        balance: metrics.http.balance.clone(),
     };
     if let Some(path) = &config.route_file {
         tokio::spawn(reload::watch(path.clone(), policy.clone(), metrics.http.clone()));

@@ -59,7 +59,6 @@ impl Outbound {
                     Balanced::No => (target, None, None),
                     Balanced::Picked(picked, decided) => (picked.address(), Some(picked), decided),
                     Balanced::NoHealthyEndpoint => {
-                        self.http.balance.no_healthy_endpoint.inc();
                         tracing::info!(%peer, %target, "no healthy endpoint; connection reset");
                         crate::transport::reset_on_close(&stream);
                         return;

@@ -1,6 +1,6 @@
-//! The balancers' metrics: endpoints by state and requests per endpoint for every live
-//! destination balancer, read at scrape time (a pick updates only the balancer's own atomics),
-//! and how long requests queued for a usable endpoint.
+//! The balancers' metrics, per destination: endpoints by state, requests per endpoint, how long
+//! picks queued for a usable endpoint and how many gave up. All read at scrape time from the live
+//! balancers (a pick touches only its balancer's own atomics).
 //!
 //! Labels are bounded: a destination is one the route file names or one discovery follows (at
 //! most `PILLION_DISCOVERY_MAX_DESTINATIONS`), and per-endpoint series stop at
@@ -15,12 +15,7 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{
-        MetricType,
-        counter::{ConstCounter, Counter},
-        gauge::ConstGauge,
-        histogram::Histogram,
-    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
@@ -38,37 +33,18 @@ pub struct Balancers {
 /// A destination's name and its balancer, not kept alive by being listed.
 type Listed = (Arc<str>, Weak<Balancer>);
 
-/// What the balance layer records per request.
+/// The registry's handle on every balancer: made where routes are compiled (so it lives in
+/// [`crate::http::metrics::HttpMetrics`]), read by the scrape.
 #[derive(Clone, Debug)]
 pub struct BalanceMetrics {
-    /// Time from a request's first pick attempt to its endpoint (or to giving up).
-    pub queue_time: Histogram,
-    /// Requests answered 503 "no healthy endpoint" after the queue time.
-    pub no_healthy_endpoint: Counter,
     pub balancers: Balancers,
 }
 
 impl BalanceMetrics {
     pub fn register(registry: &mut Registry) -> Self {
-        let metrics = BalanceMetrics {
-            // 0 (nearly every request) up to the longest queue time a destination may set.
-            queue_time: Histogram::new([0.0, 0.001, 0.01, 0.1, 0.5, 1.0, 3.0, 10.0, 60.0]),
-            no_healthy_endpoint: Counter::default(),
-            balancers: Balancers::default(),
-        };
-        registry.register_with_unit(
-            "balancer_queue",
-            "Time requests waited for a usable endpoint of a balanced destination",
-            Unit::Seconds,
-            metrics.queue_time.clone(),
-        );
-        registry.register(
-            "balancer_no_healthy_endpoint",
-            "Requests answered 503 because no endpoint of their destination was usable within its queue time",
-            metrics.no_healthy_endpoint.clone(),
-        );
-        registry.register_collector(Box::new(metrics.balancers.clone()));
-        metrics
+        let balancers = Balancers::default();
+        registry.register_collector(Box::new(balancers.clone()));
+        BalanceMetrics { balancers }
     }
 }
 
@@ -128,6 +104,26 @@ impl Collector for Balancers {
                 let labels = [("destination", &**name), ("endpoint", address.as_str())];
                 ConstCounter::new(endpoint.requests).encode(family.encode_family(&labels)?)?;
             }
+        }
+        let mut family = encoder.encode_descriptor(
+            "balancer_queue",
+            "How long requests (or opaque connections) that found no usable endpoint waited for one",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (name, balancer) in &balancers {
+            let labels = [("destination", &**name)];
+            balancer.queue_time().encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "balancer_no_healthy_endpoint",
+            "Requests answered 503 (and opaque connections reset) because no endpoint was usable within the destination's queue time",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, balancer) in &balancers {
+            let labels = [("destination", &**name)];
+            ConstCounter::new(balancer.failed_fast()).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

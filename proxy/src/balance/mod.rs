@@ -46,6 +46,7 @@ use std::{
 };
 
 use arc_swap::{ArcSwap, Guard};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::time::Instant;
 
 pub use self::endpoint::{BACKOFF_JITTER, EndpointState};
@@ -54,6 +55,9 @@ use crate::policy::Endpoint;
 
 /// Linkerd's default: what a new endpoint is assumed to answer in until it has answered.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Queue-time buckets (seconds): up to the longest queue time a destination may set.
+const QUEUE_BUCKETS: [f64; 8] = [0.001, 0.01, 0.1, 0.5, 1.0, 3.0, 10.0, 60.0];
+
 /// Linkerd's default time constant of the latency estimate.
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
 
@@ -97,6 +101,11 @@ pub enum PickError {
 /// The balancer of one destination; shared (`Arc`) by every connection to it.
 pub struct Balancer {
     list: ArcSwap<List>,
+    /// How long picks that had to wait waited (those that did not are not observed: the
+    /// histogram's lock stays off the fast path).
+    queued: Histogram,
+    /// Picks given up after the queue time: requests answered 503, connections reset.
+    failed_fast: Counter,
     settings: BalancerSettings,
     tuning: Tuning,
     default_rtt: Duration,
@@ -184,11 +193,23 @@ impl Balancer {
                 slots: Vec::new(),
                 tuning,
             }),
+            queued: Histogram::new(QUEUE_BUCKETS),
+            failed_fast: Counter::default(),
             settings,
             tuning,
             default_rtt: settings.default_rtt,
             updating: Mutex::new(()),
         }
+    }
+
+    /// Picks that waited for a usable endpoint, by how long (for a scrape).
+    pub fn queue_time(&self) -> &Histogram {
+        &self.queued
+    }
+
+    /// Picks given up after the queue time (for a scrape).
+    pub fn failed_fast(&self) -> u64 {
+        self.failed_fast.get()
     }
 
     /// What it was made with: a policy update with other settings needs a new balancer.
@@ -257,26 +278,35 @@ impl Balancer {
     pub async fn pick_within(&self, limit: Duration) -> Result<Picked, PickError> {
         /// While every endpoint is probing (no backoff end to wait for), how often to look again.
         const PROBE_POLL: Duration = Duration::from_millis(10);
-        let deadline = Instant::now() + limit;
+        let mut error = match self.pick() {
+            Ok(picked) => return Ok(picked),
+            Err(error) => error,
+        };
+        let queued = Instant::now();
+        let deadline = queued + limit;
         loop {
-            let error = match self.pick() {
-                Ok(picked) => return Ok(picked),
-                Err(error) => error,
-            };
             let now = Instant::now();
-            if now >= deadline {
-                return Err(error);
-            }
             let wake = match error {
+                _ if now >= deadline => break,
                 PickError::Unavailable {
                     next_ready: Some(at), ..
                 } => at,
                 PickError::Unavailable { next_ready: None, .. } => now + PROBE_POLL,
                 // Nothing will come back by waiting; an update would have to add endpoints.
-                PickError::NoEndpoints => return Err(error),
+                PickError::NoEndpoints => break,
             };
             tokio::time::sleep_until(wake.min(deadline).max(now)).await;
+            match self.pick() {
+                Ok(picked) => {
+                    self.queued.observe(queued.elapsed().as_secs_f64());
+                    return Ok(picked);
+                }
+                Err(again) => error = again,
+            }
         }
+        self.queued.observe(queued.elapsed().as_secs_f64());
+        self.failed_fast.inc();
+        Err(error)
     }
 
     /// Endpoints by state, for a gauge. No allocation.

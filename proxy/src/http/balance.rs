@@ -14,6 +14,7 @@
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
+
 use tower::{Layer, Service};
 
 use super::{
@@ -21,16 +22,13 @@ use super::{
     errors::ProxyError,
     route::{Balanced, RouteCtx},
 };
-use crate::balance::{Picked, metrics::BalanceMetrics};
+use crate::balance::Picked;
 
-#[derive(Clone)]
-pub struct BalanceLayer {
-    pub metrics: BalanceMetrics,
-}
+#[derive(Clone, Copy, Default)]
+pub struct BalanceLayer;
 
 #[derive(Clone)]
 pub struct Balance<S> {
-    metrics: BalanceMetrics,
     inner: S,
 }
 
@@ -38,10 +36,7 @@ impl<S> Layer<S> for BalanceLayer {
     type Service = Balance<S>;
 
     fn layer(&self, inner: S) -> Balance<S> {
-        Balance {
-            metrics: self.metrics.clone(),
-            inner,
-        }
+        Balance { inner }
     }
 }
 
@@ -67,7 +62,6 @@ where
         // Nearly always: an endpoint is usable now, and the attempt goes out without waiting.
         match balanced.balancer.pick() {
             Ok(picked) => {
-                self.metrics.queue_time.observe(0.0);
                 let call = send_to(&mut self.inner, req, &balanced, &picked);
                 Box::pin(complete(call, picked))
             }
@@ -75,7 +69,7 @@ where
                 // Take the ready service; a clone stands in for the next call.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(queue(inner, req, balanced, self.metrics.clone()))
+                Box::pin(queue(inner, req, balanced))
             }
         }
     }
@@ -108,26 +102,15 @@ async fn complete(call: ResponseFuture, picked: Picked) -> Result<ProxyResponse,
 }
 
 /// No endpoint was usable at once: wait for one until the queue time is over.
-async fn queue<S>(
-    mut inner: S,
-    req: ProxyRequest,
-    balanced: Balanced,
-    metrics: BalanceMetrics,
-) -> Result<ProxyResponse, ProxyError>
+async fn queue<S>(mut inner: S, req: ProxyRequest, balanced: Balanced) -> Result<ProxyResponse, ProxyError>
 where
     S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ResponseFuture>,
 {
-    let queued = Instant::now();
-    let picked = balanced.balancer.pick_within(balanced.queue_timeout).await;
-    metrics.queue_time.observe(queued.elapsed().as_secs_f64());
-    match picked {
+    match balanced.balancer.pick_within(balanced.queue_timeout).await {
         Ok(picked) => {
             let call = send_to(&mut inner, req, &balanced, &picked);
             complete(call, picked).await
         }
-        Err(_) => {
-            metrics.no_healthy_endpoint.inc();
-            Err(ProxyError::NoHealthyEndpoint)
-        }
+        Err(_) => Err(ProxyError::NoHealthyEndpoint),
     }
 }

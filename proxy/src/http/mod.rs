@@ -72,7 +72,6 @@ pub struct HttpProxy {
     pub drain: Drain,
     /// The direction's TCP counters: an HTTP connection's bytes count like an opaque one's.
     pub tcp: TcpMetrics,
-    pub balance: crate::balance::metrics::BalanceMetrics,
 }
 
 impl HttpProxy {
@@ -108,9 +107,7 @@ impl HttpProxy {
             .layer(errors::ErrorLayer)
             .layer(timeout::TimeoutLayer(timeout::Scope::Request))
             .layer(retry::RetryLayer)
-            .layer(balance::BalanceLayer {
-                metrics: self.balance.clone(),
-            })
+            .layer(balance::BalanceLayer)
             .layer(timeout::TimeoutLayer(timeout::Scope::Attempt))
             .service(Upstream::new(
                 self.pool.clone(),

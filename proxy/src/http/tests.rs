@@ -127,7 +127,6 @@ fn proxy_in(
         },
         drain: Drain::new(),
         tcp: metrics.tcp(Direction::Outbound),
-        balance: metrics.http.balance.clone(),
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
@@ -797,7 +796,14 @@ async fn no_healthy_endpoint_fails_fast_with_503() {
     }
     assert_eq!(statuses.iter().filter(|s| **s == 502).count(), 14, "{statuses:?}");
     assert_eq!(statuses.last(), Some(&503), "{statuses:?}");
-    assert_eq!(proxy.metric("pillion_balancer_no_healthy_endpoint_total"), 1);
+    assert_eq!(
+        proxy.metric(r#"pillion_balancer_no_healthy_endpoint_total{destination="web:80"}"#),
+        1
+    );
+    assert_eq!(
+        proxy.metric(r#"pillion_balancer_queue_seconds_count{destination="web:80"}"#),
+        1
+    );
     assert_eq!(
         proxy.metric(r#"pillion_balancer_endpoints{destination="web:80",state="backoff"}"#),
         2

@@ -953,7 +953,6 @@ mod tests {
                 },
                 drain: Drain::new(),
                 tcp: metrics.tcp(Direction::Outbound),
-                balance: metrics.http.balance.clone(),
             });
 
             // Discovery has not answered within its first wait: plaintext, and the connection is held.
