@@ -273,6 +273,19 @@ impl Bridge {
             ipv4,
         };
         let ip = |args: &[&str]| try_run(Command::new("ip").args(["-n", node.name()]).args(args));
+        // A bridge takes the lowest MAC of its ports unless given one, so its MAC would change as
+        // pods plug in, and a pod that learned the old one loses its next SYN to the node (a
+        // proxy's first connection to the control plane, retried only after the 1 s SYN
+        // timeout). A fixed MAC (locally administered, from the address) keeps it stable, as a
+        // real node's is.
+        let [a, b, c, d] = ipv4.octets();
+        ip(&[
+            "link",
+            "set",
+            name,
+            "address",
+            &format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
+        ])?;
         ip(&["addr", "add", &format!("{ipv4}/24"), "dev", name])?;
         ip(&["link", "set", name, "up"])?;
         Ok(bridge)

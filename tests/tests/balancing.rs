@@ -71,9 +71,6 @@ const CONSECUTIVE_FAILURES: usize = 7;
 const WARM_UP_ATTEMPTS: usize = 5;
 const WARM_UP_LIMIT: Duration = Duration::from_secs(20);
 
-/// The node bridge's own MAC address (locally administered), set before any pod plugs in.
-const BRIDGE_MAC: &str = "02:00:0a:cc:00:01";
-
 /// Third octet of the next node's subnet (`10.204.<n>.0/24`).
 static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
 
@@ -166,11 +163,6 @@ impl Cluster {
 
         let node = Netns::new(&format!("{tag}-node"));
         let bridge = Bridge::new(&node, "br0", node_ip).unwrap_or_else(|e| panic!("{e}"));
-        // A bridge takes the lowest MAC of its ports unless given one, so its MAC changes as pods
-        // plug in, and a pod that learned the old one may lose its next SYN to the node (here:
-        // a proxy's first discovery connection, retried after the 1 s SYN timeout). A fixed MAC
-        // keeps the node's address stable, as a real node's is.
-        node.exec_ok("ip", &["link", "set", "br0", "address", BRIDGE_MAC]);
         let control = ControlPlane::start(
             &files,
             Some(&node),
