@@ -26,9 +26,9 @@ mod apiserver;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -164,15 +164,18 @@ struct Sent {
 /// (a fresh one every `per_connection` requests, and after any error), until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
+    /// The app of the latest answer, while the load runs.
+    latest: Arc<Mutex<Option<String>>>,
     thread: Option<JoinHandle<Vec<Sent>>>,
 }
 
 impl Load {
     fn start(client: &Netns, host: &str, tag: &str, per_connection: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let latest = Arc::new(Mutex::new(None));
         let (host, tag) = (host.to_owned(), tag.to_owned());
         let thread = client.spawn({
-            let stop = stop.clone();
+            let (stop, latest) = (stop.clone(), latest.clone());
             move || {
                 let started = Instant::now();
                 let mut sent = Vec::new();
@@ -193,6 +196,9 @@ impl Load {
                         conn = None;
                         on_conn = 0;
                     }
+                    if let Answer::App(app) = &answer {
+                        *latest.lock().expect("latest answer") = Some(app.clone());
+                    }
                     sent.push(Sent { sent: at, answer });
                     std::thread::sleep(LOAD_PERIOD);
                 }
@@ -201,8 +207,21 @@ impl Load {
         });
         Load {
             stop,
+            latest,
             thread: Some(thread),
         }
+    }
+
+    /// The server (index) that answered the latest request; waits for a first answer.
+    fn latest_server(&self) -> usize {
+        let app = poll_until(LOOP_LIMIT, Duration::from_millis(10), || {
+            self.latest.lock().expect("latest answer").clone()
+        })
+        .expect("the load got no answer from an app");
+        app.strip_prefix("api-")
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| n.checked_sub(1))
+            .unwrap_or_else(|| panic!("unexpected app {app}"))
     }
 
     /// Stops the load and returns every request it sent.
@@ -496,11 +515,7 @@ fn identity(control: SocketAddr, files: &MeshFiles, workload: &Workload) -> PodO
             "PILLION_IDENTITY_TOKEN_FILE",
             &files.token_file(workload).to_string_lossy(),
         )
-        .proxy_env("PILLION_TRUST_ANCHORS_FILE", &path_str(&files.trust_anchors()))
-}
-
-fn path_str(path: &PathBuf) -> String {
-    path.to_string_lossy().into_owned()
+        .proxy_env("PILLION_TRUST_ANCHORS_FILE", &files.trust_anchors().to_string_lossy())
 }
 
 fn server_name(i: usize) -> String {
@@ -648,6 +663,8 @@ fn ms(d: Duration) -> String {
 /// Whatever ended a removal: when the client proxy's view dropped the endpoint, and what the
 /// requests sent meanwhile saw.
 struct Removal {
+    /// The server whose endpoint was removed.
+    gone: usize,
     /// From the watch event to the client proxy's balancer without the endpoint.
     view: Duration,
     /// From the watch event to the last request sent to the endpoint (if any was).
@@ -655,15 +672,18 @@ struct Removal {
     answers: Vec<Sent>,
 }
 
-/// Makes `change` (one watch event, at the instant measured from) while a load runs, and waits
-/// until the client proxy has one ready endpoint of the ClusterIP left and no request sent after
-/// that reaches `gone` (server index); then sends a little more load and returns the timings.
-fn remove_endpoint(cluster: &Cluster, gone: usize, tag: &str, change: impl FnOnce(&ApiServer)) -> Removal {
+/// While a load runs, makes `change` (one watch event, at the instant measured from) to the
+/// endpoint the load is using (the balancer favours the faster of two, so that is the one whose
+/// removal shows in the traffic), and waits until the client proxy has one ready endpoint of the
+/// ClusterIP left; then sends a little more load, checks that no request sent after that reached
+/// the removed endpoint, and returns the timings.
+fn remove_endpoint(cluster: &Cluster, tag: &str, change: impl FnOnce(&ApiServer, usize)) -> Removal {
     let load = Load::start(&cluster.client, &by_address(), tag, 50);
-    // Some requests before the change, so both endpoints are in use when it comes.
+    // Some requests before the change: the endpoint in use is the one removed.
     std::thread::sleep(Duration::from_millis(200));
+    let gone = load.latest_server();
     let event = Instant::now();
-    change(cluster.api());
+    change(cluster.api(), gone);
     let seen = cluster.wait_ready_endpoints(1.0, tag);
     // Requests after the view changed: none of them may reach the removed endpoint.
     std::thread::sleep(Duration::from_millis(300));
@@ -693,6 +713,7 @@ fn remove_endpoint(cluster: &Cluster, gone: usize, tag: &str, change: impl FnOnc
         tally(answers.iter().map(|s| &s.answer))
     );
     Removal {
+        gone,
         view: seen - event,
         last_sent,
         answers,
@@ -760,28 +781,32 @@ fn a_removed_endpoint_leaves_the_client_proxys_view() {
     assert_eq!(cluster.endpoints_in(&by_address(), "ready"), 2.0);
 
     // The Pod object is deleted (the kubelet's pod keeps running: only the view changes).
-    let deleted = remove_endpoint(&cluster, 1, "pod-deleted", |api| {
-        api.delete::<Pod>("shop", "api-2");
+    let deleted = remove_endpoint(&cluster, "pod-deleted", |api, gone| {
+        api.delete::<Pod>("shop", &server_name(gone));
     });
     // The endpoints controller follows: the slice loses the endpoint too.
-    cluster.api().apply(&cluster.api_slice(|i| (i == 0).then_some(true)));
+    let gone = deleted.gone;
+    cluster.api().apply(&cluster.api_slice(|i| (i != gone).then_some(true)));
 
     // The pod comes back, then its endpoint: the client proxy balances over both again.
     let back = Instant::now();
-    cluster.api().apply(&pod("shop", "api-2", cluster.server_ips[1], "api"));
+    cluster
+        .api()
+        .apply(&pod("shop", &server_name(gone), cluster.server_ips[gone], "api"));
     cluster.api().apply(&cluster.api_slice(|_| Some(true)));
     let added = cluster.wait_ready_endpoints(2.0, "endpoint added") - back;
 
-    // The endpoint turns not ready in its slice.
-    let not_ready = remove_endpoint(&cluster, 1, "not-ready", |api| {
-        api.apply(&cluster.api_slice(|i| Some(i == 0)));
+    // An endpoint turns not ready in its slice.
+    let not_ready = remove_endpoint(&cluster, "not-ready", |api, gone| {
+        api.apply(&cluster.api_slice(|i| Some(i != gone)));
     });
 
     for (what, removal) in [("pod deleted", &deleted), ("endpoint not ready", &not_ready)] {
         eprintln!(
-            "{what}: the client proxy dropped the endpoint {} after the watch event; last request sent to it {}; {} requests, {:?}",
+            "{what} ({}): the client proxy dropped the endpoint {} after the watch event; last request sent to it {} after the event; {} requests, {:?}",
+            server_name(removal.gone),
             ms(removal.view),
-            removal.last_sent.map_or("before the event".to_owned(), ms),
+            removal.last_sent.map_or("none".to_owned(), ms),
             removal.answers.len(),
             tally(removal.answers.iter().map(|s| &s.answer))
         );
@@ -808,30 +833,45 @@ fn a_relist_after_410_gone_loses_nothing() {
 
     std::thread::sleep(Duration::from_millis(200));
     let api = cluster.api();
+    let paused = Instant::now();
     api.pause_watches();
-    // While the watches are down: api-2 becomes not ready, and history is compacted.
-    api.apply(&cluster.api_slice(|i| Some(i == 0)));
+    // While the watches are down: the endpoint in use becomes not ready, and history is compacted.
+    let gone = load.latest_server();
+    api.apply(&cluster.api_slice(|i| Some(i != gone)));
     api.compact();
     std::thread::sleep(Duration::from_secs(1));
     let during = cluster.endpoints_in(&by_address(), "ready");
     let resumed = Instant::now();
     api.resume_watches();
-    let relisted = cluster.wait_ready_endpoints(1.0, "change made while the watches were down") - resumed;
+    let relisted = cluster.wait_ready_endpoints(1.0, "change made while the watches were down");
 
     // The new watches carry the next change.
+    std::thread::sleep(Duration::from_millis(300));
     let readded = Instant::now();
     api.apply(&cluster.api_slice(|_| Some(true)));
     let watched = cluster.wait_ready_endpoints(2.0, "change after the relist") - readded;
     std::thread::sleep(Duration::from_millis(300));
     let answers = load.finish();
 
+    let name = server_name(gone);
+    let in_pause = answers.iter().filter(|s| s.sent >= paused && s.sent < resumed);
+    let relisted_only: Vec<&Sent> = answers
+        .iter()
+        .filter(|s| s.sent > relisted && s.sent < readded)
+        .collect();
     eprintln!(
-        "relist: while the watches were down the client proxy kept {during} ready endpoints; after resume with 410 it saw the change in {}; a change after the relist took {}; {} requests: {:?}",
-        ms(relisted),
+        "relist: while the watches were down ({}) the client proxy kept {during} ready endpoints and answered {:?}; after resume (410, relist) it dropped {name} in {}; a change after the relist took {}; {} requests in all: {:?}",
+        ms(resumed - paused),
+        tally(in_pause.map(|s| &s.answer)),
+        ms(relisted - resumed),
         ms(watched),
         answers.len(),
         tally(answers.iter().map(|s| &s.answer))
     );
+    let log = cluster.control.log();
+    for line in log.lines().filter(|l| l.contains("watch") || l.contains("410")) {
+        eprintln!("control plane: {line}");
+    }
     assert_eq!(
         during, 2.0,
         "the last known endpoints stay served while the watches are down"
@@ -842,9 +882,13 @@ fn a_relist_after_410_gone_loses_nothing() {
         "every request answered by an app, during and after the relist: {:?}",
         tally(answers.iter().map(|s| &s.answer))
     );
-    let log = cluster.control.log();
     assert!(
-        log.contains("410") || log.to_lowercase().contains("gone") || log.contains("watch failed"),
+        relisted_only.len() >= 10 && relisted_only.iter().all(|s| !s.answer.is_app(&name)),
+        "after the relist, until it is ready again, {name} gets no request: {:?}",
+        tally(relisted_only.iter().map(|s| &s.answer))
+    );
+    assert!(
+        log.contains("watch failed"),
         "the control plane's watches ended and were resumed with a relist:\n{log}"
     );
 }
