@@ -306,6 +306,17 @@ pub struct ServeArgs {
     #[arg(long, env = "PILLION_CONTROL_CLUSTER_DOMAIN", default_value = "cluster.local", value_name = "DOMAIN", value_parser = parse_cluster_domain)]
     pub cluster_domain: String,
 
+    /// Kubernetes mode: what a pod's port admits when no AuthorizationPolicy targets it and
+    /// neither the Pod nor its Namespace has a `pillion.io/default-inbound-policy` annotation:
+    /// all-unauthenticated, all-authenticated, cluster-authenticated or deny.
+    #[arg(
+        long,
+        env = "PILLION_CONTROL_DEFAULT_INBOUND_POLICY",
+        default_value = "all-unauthenticated",
+        value_name = "POLICY"
+    )]
+    pub default_inbound_policy: pillion_control::k8s::DefaultInboundPolicy,
+
     /// Serve the mutating admission webhook (HTTPS, path /inject) on this address; unset = no webhook.
     #[arg(long, env = "PILLION_CONTROL_WEBHOOK_ADDR", value_name = "ADDR", requires_all = ["webhook_cert", "webhook_key"])]
     pub webhook_addr: Option<SocketAddr>,
@@ -718,6 +729,27 @@ mod tests {
         let line = one_line(&err);
         assert!(
             line.contains("PILLION_CONTROL_CLUSTER_DOMAIN") && line.contains("bad domain"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn default_inbound_policy_flag() {
+        use pillion_control::k8s::DefaultInboundPolicy;
+        let args = serve_args(&[]).unwrap();
+        assert_eq!(args.default_inbound_policy, DefaultInboundPolicy::AllUnauthenticated);
+        for (value, policy) in [
+            ("all-authenticated", DefaultInboundPolicy::AllAuthenticated),
+            ("cluster-authenticated", DefaultInboundPolicy::ClusterAuthenticated),
+            ("deny", DefaultInboundPolicy::Deny),
+        ] {
+            let args = serve_args(&["--kubernetes", &format!("--default-inbound-policy={value}")]).unwrap();
+            assert_eq!(args.default_inbound_policy, policy);
+        }
+        let err = serve_args(&["--default-inbound-policy=open"]).unwrap_err();
+        let line = one_line(&err);
+        assert!(
+            line.contains("PILLION_CONTROL_DEFAULT_INBOUND_POLICY") && line.contains("cluster-authenticated"),
             "{line}"
         );
     }

@@ -5,9 +5,10 @@
 //! the server shuts down, so graceful shutdown is not held up by watchers that never hang up.
 //!
 //! Over TLS a watcher must present a workload certificate (`UNAUTHENTICATED` otherwise), and a
-//! destination's `inbound_authorization` is sent only to a watcher whose identity is one of that
-//! destination's endpoint identities: a workload learns its own inbound policy, not who may call
-//! others. With `--plaintext` nothing identifies the watcher and every field is sent, as before.
+//! destination's `inbound_authorization` is sent only to the workload it protects: for a pod's
+//! address (Kubernetes mode) the pod's own identity, otherwise a watcher whose identity is one of
+//! the destination's endpoint identities. A workload learns its own inbound policy, not who may
+//! call others. With `--plaintext` nothing identifies the watcher and every field is sent.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -105,12 +106,17 @@ async fn next_update(mut s: StreamState) -> Option<(Result<DestinationUpdate, St
 }
 
 /// The destination's state as `caller` may see it: its inbound authorization only when the caller
-/// is one of the destination's endpoints, including the endpoint an `ip:port` names (`None` =
-/// plaintext, sees everything). `pillion-control diagnostics` shows operators the same answer.
+/// is the pod at that address, or else one of the destination's endpoints, including the endpoint
+/// an `ip:port` names (`None` = plaintext, sees everything). `pillion-control diagnostics` shows
+/// operators the same answer.
 pub fn visible_update(policy: &Policy, destination: &Authority, caller: Option<&SpiffeId>) -> DestinationUpdate {
     let mut update = destination_update(policy, destination);
     if let Some(caller) = caller {
-        let serves_it = update.endpoints.iter().any(|e| e.identity == caller.as_str());
+        // A known pod address has one owner, whatever endpoint lists claim for it.
+        let serves_it = match policy.owner_at(destination) {
+            Some(owner) => owner == caller,
+            None => update.endpoints.iter().any(|e| e.identity == caller.as_str()),
+        };
         if !serves_it {
             update.inbound_authorization = None;
         }
@@ -157,5 +163,48 @@ inbound:
         let mut seen_by_other = visible_update(&policy, &dest, Some(&other));
         seen_by_other.inbound_authorization = visible_update(&policy, &dest, None).inbound_authorization;
         assert_eq!(seen_by_other, visible_update(&policy, &dest, None));
+    }
+
+    #[test]
+    fn a_pods_authorization_only_for_the_pod_itself() {
+        use crate::policy::model::{Authorization, WorkloadInbound};
+        let mut policy = crate::policy::parse(POLICY, "test").unwrap();
+        let id = |s: &str| SpiffeId::try_from(format!("spiffe://cluster.local/ns/shop/sa/{s}")).unwrap();
+        let api = id("api");
+        // A pod no Service lists (no endpoint names it): only its owner says whose it is.
+        policy.workloads.insert(
+            "10.0.0.8".parse().unwrap(),
+            WorkloadInbound {
+                owner: api.clone(),
+                ports: [(9090, Authorization::AllAuthenticated)].into(),
+                default: Authorization::Deny,
+            },
+        );
+        // The same address as a Service endpoint with another identity: the owner still decides.
+        policy.workloads.insert(
+            "10.0.0.7".parse().unwrap(),
+            WorkloadInbound {
+                owner: api.clone(),
+                ports: Default::default(),
+                default: Authorization::Deny,
+            },
+        );
+        let seen = |dest: &str, caller: Option<&SpiffeId>| {
+            visible_update(&policy, &dest.parse().unwrap(), caller).inbound_authorization
+        };
+        let all_authenticated = Some(crate::policy::convert::authorization(&Authorization::AllAuthenticated));
+        let deny = Some(crate::policy::convert::authorization(&Authorization::Deny));
+        assert_eq!(seen("10.0.0.8:9090", Some(&api)), all_authenticated);
+        assert_eq!(seen("10.0.0.8:1234", Some(&api)), deny);
+        assert_eq!(seen("10.0.0.8:9090", Some(&id("web"))), None);
+        assert_eq!(seen("10.0.0.7:8080", Some(&api)), deny);
+        let listed = SpiffeId::try_from("spiffe://cluster.local/ns/default/sa/web".to_string()).unwrap();
+        assert_eq!(
+            seen("10.0.0.7:8080", Some(&listed)),
+            None,
+            "the endpoint's identity is not the pod's"
+        );
+        // Plaintext (no caller identity) sees everything, as before.
+        assert_eq!(seen("10.0.0.8:9090", None), all_authenticated);
     }
 }

@@ -217,6 +217,7 @@ async fn kubernetes_policy(args: &ServeArgs, shutdown: CancellationToken) -> Res
         config: IndexConfig {
             cluster_domain: args.cluster_domain.clone(),
             trust_domain: args.trust_domain.to_string(),
+            default_inbound: args.default_inbound_policy,
         },
     };
     // Serving before the first list would answer every destination "unknown" (plaintext).

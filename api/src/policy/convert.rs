@@ -15,10 +15,11 @@ use super::model::{
 };
 
 /// The complete state for `destination`. Unknown destinations get `known = false` and nothing else
-/// but the inbound authorization of their port, if any.
+/// but the inbound authorization of their address or port, if any.
 pub fn destination_update(policy: &Policy, destination: &Authority) -> DestinationUpdate {
-    // The inbound entry for this port matters when the watcher is the workload serving it.
-    let inbound_authorization = policy.inbound.get(&destination.port()).map(authorization);
+    // The inbound entry for this address (a pod's own) or port matters when the watcher is the
+    // workload serving it; the discovery service withholds it from anyone else.
+    let inbound_authorization = policy.inbound_at(destination).map(authorization);
     if let Some(d) = policy.destinations.get(destination) {
         return known(d, inbound_authorization);
     }
@@ -433,6 +434,45 @@ inbound:
         assert!(update.inbound_authorization.is_some());
         let other = destination_update(&policy, &"10.0.0.8:8080".parse().unwrap());
         assert!(!other.known && other.endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_pod_address_answers_its_own_authorization_before_the_ports() {
+        use super::super::model::{SpiffeId, WorkloadInbound};
+        let mut policy = parse(POLICY, "policy.yaml").unwrap();
+        let owner = SpiffeId::try_from("spiffe://cluster.local/ns/shop/sa/api.v2".to_string()).unwrap();
+        let only_web = Authorization::allow(vec!["spiffe://cluster.local/ns/shop/sa/web".into()]).unwrap();
+        let workload = WorkloadInbound {
+            owner: owner.clone(),
+            ports: [(8080, only_web.clone())].into(),
+            default: Authorization::Deny,
+        };
+        // Dual stack: the same workload under each of its IPs.
+        for ip in ["10.0.0.7", "fd00::7"] {
+            policy.workloads.insert(ip.parse().unwrap(), workload.clone());
+        }
+        let read = |key: &str| {
+            let update = destination_update(&policy, &key.parse().unwrap());
+            let a = update
+                .inbound_authorization
+                .as_ref()
+                .map(|a| authorization_from_proto(a).unwrap());
+            (update.known, a.flatten())
+        };
+        // The pod's port: its own entry wins over the file-style per-port one.
+        assert_eq!(read("10.0.0.7:8080"), (true, Some(only_web.clone())));
+        // An undeclared port of the pod: the pod's default, never the per-port map's.
+        assert_eq!(read("10.0.0.7:9000"), (false, Some(Authorization::Deny)));
+        assert_eq!(read("[fd00::7]:8080"), (false, Some(only_web)));
+        // Another address on the same port keeps the per-port entry; a name does too.
+        let per_port = policy.inbound.get(&8080).cloned();
+        assert_eq!(read("10.0.0.8:8080"), (false, per_port.clone()));
+        assert_eq!(read("api.shop.svc.cluster.local:8080"), (true, per_port));
+        assert_eq!(policy.owner_at(&"[fd00::7]:1".parse().unwrap()), Some(&owner));
+        assert_eq!(
+            policy.owner_at(&"api.shop.svc.cluster.local:8080".parse().unwrap()),
+            None
+        );
     }
 
     #[test]

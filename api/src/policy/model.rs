@@ -6,7 +6,12 @@
 //! the line and column of the offending value. The proxy's route file and the control plane's
 //! policy file are both this model; the proxy compiles it into its request matcher.
 
-use std::{collections::HashMap, fmt, net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use serde::{
     Deserialize, Deserializer,
@@ -34,6 +39,20 @@ pub struct Policy {
     pub retry_buffer_bytes: Option<u32>,
     pub destinations: HashMap<Authority, Destination>,
     pub inbound: HashMap<u16, Authorization>,
+    /// Kubernetes mode: each meshed pod's inbound authorization, under every IP of the pod. For an
+    /// `ip:port` destination it wins over `inbound` (the policy file never fills it).
+    pub workloads: HashMap<IpAddr, WorkloadInbound>,
+}
+
+/// Who may call one workload (a pod), port by port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadInbound {
+    /// The workload's own identity: only its proxy is told who may call it.
+    pub owner: SpiffeId,
+    /// Ports with an authorization of their own.
+    pub ports: HashMap<u16, Authorization>,
+    /// Every other port.
+    pub default: Authorization,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -327,6 +346,25 @@ impl Policy {
             }
         }
         Ok(policy)
+    }
+}
+
+impl Policy {
+    /// The inbound authorization for a workload's `destination`: the pod's own entry when the
+    /// destination is a known pod address, else the per-port entry.
+    pub fn inbound_at(&self, destination: &Authority) -> Option<&Authorization> {
+        if let Some(address) = destination.socket_addr()
+            && let Some(workload) = self.workloads.get(&address.ip())
+        {
+            return Some(workload.ports.get(&address.port()).unwrap_or(&workload.default));
+        }
+        self.inbound.get(&destination.port())
+    }
+
+    /// The identity of the workload at `destination`, when it is a known pod address.
+    pub fn owner_at(&self, destination: &Authority) -> Option<&SpiffeId> {
+        let address = destination.socket_addr()?;
+        self.workloads.get(&address.ip()).map(|w| &w.owner)
     }
 }
 

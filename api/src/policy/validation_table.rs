@@ -363,6 +363,11 @@ fn table() -> Vec<(&'static str, String, bool)> {
             false,
         ),
         ("unknown fields are refused", "destinatons: []".into(), false),
+        (
+            "per-pod authorization comes only from a Kubernetes control plane",
+            "workloads: []".into(),
+            false,
+        ),
         ("the proxy's retry buffer", "retryBufferBytes: 1024".into(), true),
     ]
 }
@@ -398,6 +403,7 @@ fn every_accepted_destination_survives_the_wire() {
                 .unwrap_or_else(|| panic!("{rule}: known"));
             assert_eq!(&back, destination, "{rule}");
         }
+        assert!(policy.workloads.is_empty(), "{rule}: a file names no workloads");
         for (port, authorization) in &policy.inbound {
             let sent = convert::authorization(authorization);
             let back = convert::authorization_from_proto(&sent).unwrap();

@@ -14,6 +14,11 @@
 //! endpoints. An endpoint whose Pod is not known (slices and pods are watched separately, so
 //! either may come first) is left out until it is: an endpoint without its identity would mean
 //! plaintext.
+//!
+//! And for each meshed pod, under each of its IPs, who may call it ([`Policy::workloads`]): per
+//! port, the union of the AuthorizationPolicies that target it (by Service or podSelector, in its
+//! namespace); a port none targets gets the pod's `pillion.io/default-inbound-policy`, else its
+//! Namespace's, else the cluster's `--default-inbound-policy`.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -27,10 +32,13 @@ use k8s_openapi::api::{
 };
 use kube::{ResourceExt, runtime::watcher::Event};
 use pillion_api::policy::model::{
-    Authority, BackendRef, Destination, Endpoint, Policy, ProtocolHint, RetryBudget, Route, SpiffeId,
+    Authority, BackendRef, Destination, Endpoint, Policy, ProtocolHint, RetryBudget, Route, SpiffeId, WorkloadInbound,
 };
 
-use super::route::{BackendService, HttpRouteInfo};
+use super::{
+    authz::{Allowed, AuthorizationPolicyObject, DefaultInboundPolicy, PolicyInfo, Selector, TargetPods},
+    route::{BackendService, HttpRouteInfo},
+};
 
 /// The proxy container the injector adds (`pillion-control inject`): a pod running it is meshed,
 /// so its endpoints carry an identity and callers use mesh TLS.
@@ -47,6 +55,9 @@ pub struct IndexConfig {
     pub cluster_domain: String,
     /// Endpoint identities are `spiffe://<trust_domain>/ns/<ns>/sa/<service account>`.
     pub trust_domain: String,
+    /// What a port admits when no AuthorizationPolicy targets it and neither its Pod nor its
+    /// Namespace says (`--default-inbound-policy`).
+    pub default_inbound: DefaultInboundPolicy,
 }
 
 /// `namespace/name` of an object (cluster-scoped objects have an empty namespace).
@@ -65,6 +76,7 @@ pub enum Kind {
     Namespace,
     HttpRoute,
     GrpcRoute,
+    AuthorizationPolicy,
 }
 
 /// Watched objects, each kind in its own store.
@@ -76,6 +88,7 @@ pub struct Index {
     namespaces: Store<NamespaceInfo>,
     routes: Store<HttpRouteInfo>,
     grpc_routes: Store<HttpRouteInfo>,
+    authorization_policies: Store<PolicyInfo>,
     rejected: BTreeMap<(Kind, ObjectKey), String>,
     synced: HashSet<Kind>,
 }
@@ -100,6 +113,8 @@ pub struct ServiceInfo {
     pub cluster_ips: Vec<IpAddr>,
     /// TCP ports only: the proxy carries TCP.
     pub ports: Vec<ServicePortInfo>,
+    /// `spec.selector`; `None` or empty selects no pods (endpoints managed by hand).
+    pub selector: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -142,12 +157,19 @@ pub struct PodInfo {
     /// Runs our proxy container.
     pub meshed: bool,
     pub opaque_ports: Vec<(u16, u16)>,
+    pub labels: BTreeMap<String, String>,
+    /// `pillion.io/default-inbound-policy` on the Pod.
+    pub default_inbound: Option<DefaultInboundPolicy>,
+    /// Host network, or finished (`Succeeded`/`Failed`): its IPs are not its own (the node's, or
+    /// free to be given to a new pod), so no inbound authorization is served under them.
+    pub ips_shared: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NamespaceInfo {
-    /// Kept for per-namespace defaults (`pillion.io/default-inbound-policy`).
     pub annotations: BTreeMap<String, String>,
+    /// `pillion.io/default-inbound-policy` on the Namespace.
+    pub default_inbound: Option<DefaultInboundPolicy>,
 }
 
 impl ObjectKey {
@@ -192,6 +214,7 @@ impl Index {
             namespaces: Store::default(),
             routes: Store::default(),
             grpc_routes: Store::default(),
+            authorization_policies: Store::default(),
             rejected: BTreeMap::new(),
             synced: HashSet::new(),
         }
@@ -327,7 +350,90 @@ impl Index {
                 }
             }
         }
+        policy.workloads = self.workloads();
         policy
+    }
+
+    /// Each meshed pod's inbound authorization, under every IP of the pod (dual stack).
+    fn workloads(&self) -> HashMap<IpAddr, WorkloadInbound> {
+        let trust_domain = &self.config.trust_domain;
+        let mut targeting: HashMap<&str, Vec<(Selector, &PolicyInfo)>> = HashMap::new();
+        for (key, info) in &self.authorization_policies.current {
+            let selector = match &info.target {
+                TargetPods::Selector(selector) => selector.clone(),
+                TargetPods::Service(name) => {
+                    let service = self.services.current.get(&ObjectKey::new(&key.namespace, name));
+                    match service.and_then(|s| s.selector.clone()) {
+                        Some(labels) if !labels.is_empty() => Selector::from_labels(labels),
+                        // No such Service (yet), or one without a selector: it selects no pods.
+                        _ => continue,
+                    }
+                }
+            };
+            targeting
+                .entry(key.namespace.as_str())
+                .or_default()
+                .push((selector, info));
+        }
+        // In name order, so that when two pods claim one IP the same one wins every time.
+        let mut pods: Vec<(&ObjectKey, &PodInfo)> = self.pods.current.iter().collect();
+        pods.sort_by_key(|(key, _)| *key);
+        let mut workloads = HashMap::new();
+        for (key, pod) in pods {
+            if !pod.meshed || pod.ips_shared {
+                continue;
+            }
+            let owner = format!(
+                "spiffe://{trust_domain}/ns/{}/sa/{}",
+                key.namespace, pod.service_account
+            );
+            let Ok(owner) = SpiffeId::try_from(owner) else {
+                continue;
+            };
+            let mut every_port: Option<Allowed> = None;
+            let mut by_port: BTreeMap<u16, Allowed> = BTreeMap::new();
+            for (selector, info) in targeting.get(key.namespace.as_str()).into_iter().flatten() {
+                if !selector.matches(&pod.labels) {
+                    continue;
+                }
+                match &info.ports {
+                    None => every_port.get_or_insert_default().union(&info.allowed),
+                    Some(ports) => {
+                        for port in ports {
+                            by_port.entry(*port).or_default().union(&info.allowed);
+                        }
+                    }
+                }
+            }
+            // Policies for every port add to each named port's; a port none targets gets the
+            // pod's default, else its namespace's, else the cluster's.
+            let ports = by_port
+                .into_iter()
+                .map(|(port, mut allowed)| {
+                    if let Some(all) = &every_port {
+                        allowed.union(all);
+                    }
+                    (port, allowed.authorization(trust_domain))
+                })
+                .collect();
+            let default = match every_port {
+                Some(allowed) => allowed.authorization(trust_domain),
+                None => pod
+                    .default_inbound
+                    .or_else(|| self.namespace(&key.namespace).and_then(|ns| ns.default_inbound))
+                    .unwrap_or(self.config.default_inbound)
+                    .authorization(trust_domain),
+            };
+            let workload = WorkloadInbound { owner, ports, default };
+            for ip in &pod.ips {
+                if workloads.contains_key(ip) {
+                    tracing::debug!(pod = %key, %ip, "another pod has this IP; its inbound authorization is served");
+                    continue;
+                }
+                workloads.insert(*ip, workload.clone());
+            }
+        }
+        workloads
     }
 
     /// Routes per parent Service, in Gateway API order (oldest first, then by name).
@@ -568,6 +674,7 @@ impl Indexed for Service {
             return Ok(ServiceInfo {
                 cluster_ips: Vec::new(),
                 ports: Vec::new(),
+                selector: None,
             });
         }
         let ips = match spec.cluster_ips {
@@ -597,7 +704,11 @@ impl Indexed for Service {
                 protocol,
             });
         }
-        Ok(ServiceInfo { cluster_ips, ports })
+        Ok(ServiceInfo {
+            cluster_ips,
+            ports,
+            selector: spec.selector,
+        })
     }
 
     fn store(index: &mut Index) -> &mut Store<ServiceInfo> {
@@ -687,6 +798,12 @@ impl Indexed for Pod {
             .iter()
             .map(|ip| parse_ip(ip, "status.podIPs"))
             .collect::<Result<Vec<_>, _>>()?;
+        // A misspelt default must not open the pod: it is read as `deny` until fixed.
+        let default_inbound = DefaultInboundPolicy::from_annotations(self.annotations()).unwrap_or_else(|reason| {
+            tracing::warn!(pod = %ObjectKey::of(self), %reason, "inbound default read as deny");
+            Some(DefaultInboundPolicy::Deny)
+        });
+        let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
         let meshed = spec
             .init_containers
             .iter()
@@ -699,6 +816,9 @@ impl Indexed for Pod {
             service_account: spec.service_account_name.unwrap_or_else(|| "default".to_string()),
             meshed,
             opaque_ports: opaque_ports(self.annotations())?,
+            labels: self.labels().clone(),
+            default_inbound,
+            ips_shared: spec.host_network == Some(true) || finished,
         })
     }
 
@@ -712,8 +832,14 @@ impl Indexed for Namespace {
     type Info = NamespaceInfo;
 
     fn parse(&self) -> Result<NamespaceInfo, String> {
+        // A misspelt default must not open the namespace: it is read as `deny` until fixed.
+        let default_inbound = DefaultInboundPolicy::from_annotations(self.annotations()).unwrap_or_else(|reason| {
+            tracing::warn!(namespace = %self.name_any(), %reason, "inbound default read as deny");
+            Some(DefaultInboundPolicy::Deny)
+        });
         Ok(NamespaceInfo {
             annotations: self.annotations().clone(),
+            default_inbound,
         })
     }
 
@@ -745,6 +871,19 @@ impl Indexed for GrpcRoute {
 
     fn store(index: &mut Index) -> &mut Store<HttpRouteInfo> {
         &mut index.grpc_routes
+    }
+}
+
+impl Indexed for AuthorizationPolicyObject {
+    const KIND: Kind = Kind::AuthorizationPolicy;
+    type Info = PolicyInfo;
+
+    fn parse(&self) -> Result<PolicyInfo, String> {
+        PolicyInfo::parse(self)
+    }
+
+    fn store(index: &mut Index) -> &mut Store<PolicyInfo> {
+        &mut index.authorization_policies
     }
 }
 

@@ -12,6 +12,7 @@ fn index() -> Index {
     Index::new(IndexConfig {
         cluster_domain: "cluster.local".to_string(),
         trust_domain: "example.org".to_string(),
+        default_inbound: Default::default(),
     })
 }
 

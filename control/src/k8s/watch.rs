@@ -1,5 +1,6 @@
 //! Watching the cluster: one kube-rs watcher per kind (Services, EndpointSlices, Pods,
-//! Namespaces, and HTTPRoutes and GRPCRoutes when the API server serves them): list, then watch
+//! Namespaces, and HTTPRoutes, GRPCRoutes and AuthorizationPolicies when the API server serves
+//! them): list, then watch
 //! from the list's resourceVersion, relisting with backoff after errors or `410 Gone`; all feed
 //! one [`Index`], whose policy is published to the discovery service as a [`PolicyWatch`].
 //!
@@ -25,7 +26,10 @@ use kube::{
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::index::{Index, IndexConfig, Indexed, Kind};
+use super::{
+    authz::AuthorizationPolicyObject,
+    index::{Index, IndexConfig, Indexed, Kind},
+};
 use crate::policy::{Policy, PolicyWatch};
 
 /// How often start-up says it is still waiting for the first complete list.
@@ -69,6 +73,11 @@ impl KubernetesSource {
         if served::<GrpcRoute>(&self.client).await {
             kinds.push(Kind::GrpcRoute);
             streams.push(updates::<GrpcRoute>(&self.client));
+        }
+        // Without the CRD no policy can exist: every port gets its default, as with none applied.
+        if served::<AuthorizationPolicyObject>(&self.client).await {
+            kinds.push(Kind::AuthorizationPolicy);
+            streams.push(updates::<AuthorizationPolicyObject>(&self.client));
         }
         let (synced_tx, synced_rx) = oneshot::channel();
         // The index gets a thread of its own (driving its watchers through the runtime's handle):
@@ -166,7 +175,8 @@ where
     Box::pin(stream)
 }
 
-/// Whether a route kind can be listed: `false` only when the API server says it has none (404).
+/// Whether an optional kind (a CRD) can be listed: `false` only when the API server says it has
+/// none (404).
 async fn served<K>(client: &Client) -> bool
 where
     K: Indexed + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
@@ -176,9 +186,10 @@ where
     let listed = api.list(&ListParams::default().limit(1)).await;
     let missing = matches!(listed, Err(kube::Error::Api(status)) if status.code == 404);
     if missing {
-        let kind = K::kind(&K::DynamicType::default()).into_owned();
+        let dt = K::DynamicType::default();
+        let (api_version, kind) = (K::api_version(&dt), K::kind(&dt));
         tracing::warn!(
-            "the API server does not serve gateway.networking.k8s.io/v1 {kind}s; they are not watched (install the Gateway API CRDs and restart)"
+            "the API server does not serve {api_version} {kind}s; they are not watched (install their CRD and restart)"
         );
     }
     !missing
@@ -212,6 +223,7 @@ mod tests {
         let config = IndexConfig {
             cluster_domain: "cluster.local".to_string(),
             trust_domain: "cluster.local".to_string(),
+            default_inbound: Default::default(),
         };
         let task = tokio::spawn(follow(
             Index::new(config),
