@@ -1,12 +1,12 @@
 //! The index fed with watcher events of real k8s-openapi and gateway-api objects, as a watcher
 //! would deliver them.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
-use pillion_api::policy::model::{PathMatch, RetryCode};
+use pillion_api::policy::model::{Authorization, PathMatch, RetryCode};
 use serde_json::{Value, json};
 
-use super::*;
+use super::{super::authz::DEFAULT_INBOUND_POLICY, *};
 
 fn index() -> Index {
     Index::new(IndexConfig {
@@ -603,4 +603,444 @@ fn a_grpc_route_matches_methods_as_paths_and_splits_like_an_http_route() {
     let reason = &index.rejected()[&(Kind::GrpcRoute, ObjectKey::new("shop", "bad"))];
     assert!(reason.contains("neither a service nor a method"), "{reason}");
     assert_eq!(index.policy().destinations[&key("10.96.0.10:80")].routes.len(), 3);
+}
+
+// Inbound authorization: AuthorizationPolicies, annotations and the cluster default.
+
+fn authz_policy(ns: &str, name: &str, spec: Value) -> AuthorizationPolicyObject {
+    object(json!({
+        "apiVersion": "policy.pillion.io/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": { "namespace": ns, "name": name },
+        "spec": spec,
+    }))
+}
+
+fn labelled_pod(ns: &str, name: &str, ips: &[&str], sa: &str, labels: Value) -> Pod {
+    let mut pod = pod(ns, name, ips, sa, true);
+    pod.metadata.labels = Some(object(labels));
+    pod
+}
+
+fn annotated<K: kube::Resource>(mut object: K, value: &str) -> K {
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_default()
+        .insert(DEFAULT_INBOUND_POLICY.to_string(), value.to_string());
+    object
+}
+
+fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::try_from(format!("spiffe://example.org/ns/{ns}/sa/{sa}")).unwrap()
+}
+
+fn allow(identities: &[SpiffeId], namespaces: &[&str]) -> Authorization {
+    Authorization::Allow {
+        identities: identities.to_vec(),
+        prefixes: namespaces
+            .iter()
+            .map(|ns| format!("spiffe://example.org/ns/{ns}/"))
+            .collect(),
+    }
+}
+
+/// Service `api` (selector app=api) with a dual-stack meshed pod, a second pod `api-b`, and an
+/// unmeshed pod with the same labels.
+fn api_cluster() -> Index {
+    let mut index = index();
+    let mut api = service("shop", "api", &["10.96.0.20"], json!([{ "name": "http", "port": 80 }]));
+    api.spec.as_mut().unwrap().selector = Some(object(json!({ "app": "api" })));
+    index.apply(Event::Apply(api));
+    index.apply(Event::Apply(labelled_pod(
+        "shop",
+        "api-a",
+        &["10.0.3.1", "fd00::3:1"],
+        "api",
+        json!({ "app": "api", "track": "stable" }),
+    )));
+    index.apply(Event::Apply(labelled_pod(
+        "shop",
+        "api-b",
+        &["10.0.3.2"],
+        "api",
+        json!({ "app": "api", "track": "canary" }),
+    )));
+    let mut legacy = pod("shop", "api-legacy", &["10.0.3.3"], "legacy", false);
+    legacy.metadata.labels = Some(object(json!({ "app": "api" })));
+    index.apply(Event::Apply(legacy));
+    index
+}
+
+/// The authorization of `ip:port` as the model answers it.
+fn inbound(index: &Index, address: &str) -> Option<Authorization> {
+    index.policy().inbound_at(&key(address)).cloned()
+}
+
+#[test]
+fn a_policy_by_service_admits_its_service_accounts_on_its_ports_of_every_pod_ip() {
+    let mut index = api_cluster();
+    index.apply(Event::Apply(authz_policy(
+        "shop",
+        "api-from-web",
+        json!({
+            "target": { "service": "api", "ports": [8080] },
+            "allow": [{ "serviceAccounts": [{ "name": "web" }, { "name": "batch", "namespace": "jobs" }] }],
+        }),
+    )));
+    assert!(index.rejected().is_empty(), "{:?}", index.rejected());
+    let web_and_batch = allow(&[id("jobs", "batch"), id("shop", "web")], &[]);
+    for address in ["10.0.3.1:8080", "[fd00::3:1]:8080", "10.0.3.2:8080"] {
+        assert_eq!(inbound(&index, address), Some(web_and_batch.clone()), "{address}");
+    }
+    // Another port of the same pods: the cluster default (all-unauthenticated unless set).
+    assert_eq!(
+        inbound(&index, "10.0.3.1:9090"),
+        Some(Authorization::AllUnauthenticated)
+    );
+    let policy = index.policy();
+    // Only meshed pods have a proxy to ask: the unmeshed one and the ClusterIP have no entry.
+    let mut ips: Vec<String> = policy.workloads.keys().map(|ip| ip.to_string()).collect();
+    ips.sort();
+    assert_eq!(ips, ["10.0.3.1", "10.0.3.2", "fd00::3:1"]);
+    assert_eq!(policy.workloads[&"10.0.3.1".parse().unwrap()].owner, id("shop", "api"));
+    // As the proxy reads it back from the wire.
+    let update = pillion_api::policy::convert::destination_update(&policy, &key("10.0.3.1:8080"));
+    let read = pillion_api::policy::convert::authorization_from_proto(&update.inbound_authorization.unwrap());
+    assert_eq!(read, Ok(Some(web_and_batch)));
+
+    // The Service's selector narrowing moves the policy off a pod.
+    let mut api = service("shop", "api", &["10.96.0.20"], json!([{ "name": "http", "port": 80 }]));
+    api.spec.as_mut().unwrap().selector = Some(object(json!({ "app": "api", "track": "stable" })));
+    index.apply(Event::Apply(api));
+    assert!(matches!(
+        inbound(&index, "10.0.3.1:8080"),
+        Some(Authorization::Allow { .. })
+    ));
+    assert_eq!(
+        inbound(&index, "10.0.3.2:8080"),
+        Some(Authorization::AllUnauthenticated)
+    );
+}
+
+#[test]
+fn a_policy_by_pod_selector_and_the_union_of_two_policies() {
+    let mut index = api_cluster();
+    index.apply(Event::Apply(authz_policy(
+        "shop",
+        "canary-from-frontend",
+        json!({
+            "target": { "podSelector": { "matchLabels": { "app": "api" },
+                        "matchExpressions": [{ "key": "track", "operator": "In", "values": ["canary"] }] },
+                        "ports": [8080, 8081] },
+            "allow": [{ "namespaces": ["frontend"] }],
+        }),
+    )));
+    index.apply(Event::Apply(authz_policy(
+        "shop",
+        "all-api-from-web",
+        json!({
+            "target": { "podSelector": { "matchLabels": { "app": "api" } } },
+            "allow": [{ "serviceAccounts": [{ "name": "web" }] }],
+        }),
+    )));
+    // A policy of another namespace never applies here, even with a matching selector.
+    index.apply(Event::Apply(authz_policy(
+        "other",
+        "everything",
+        json!({ "target": { "podSelector": {} }, "allow": [{ "unauthenticated": true }] }),
+    )));
+    assert!(index.rejected().is_empty(), "{:?}", index.rejected());
+    // The canary's ports 8080/8081: both policies (any one admitting the client admits it).
+    let both = allow(&[id("shop", "web")], &["frontend"]);
+    assert_eq!(inbound(&index, "10.0.3.2:8080"), Some(both.clone()));
+    assert_eq!(inbound(&index, "10.0.3.2:8081"), Some(both));
+    // Its other ports, and every port of the stable pod: the every-port policy alone.
+    let web = allow(&[id("shop", "web")], &[]);
+    assert_eq!(inbound(&index, "10.0.3.2:9090"), Some(web.clone()));
+    assert_eq!(inbound(&index, "10.0.3.1:8080"), Some(web.clone()));
+    assert_eq!(inbound(&index, "[fd00::3:1]:1"), Some(web));
+    let canary = &index.policy().workloads[&"10.0.3.2".parse().unwrap()];
+    assert_eq!(
+        canary.ports.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([8080, 8081])
+    );
+}
+
+#[test]
+fn allow_entries_map_onto_the_models_authorization() {
+    let cases = [
+        (json!([{ "unauthenticated": true }]), Authorization::AllUnauthenticated),
+        (json!([{ "authenticated": true }]), Authorization::AllAuthenticated),
+        // The widest entry decides: anyone authenticated includes every service account.
+        (
+            json!([{ "serviceAccounts": [{ "name": "web" }] }, { "authenticated": true }]),
+            Authorization::AllAuthenticated,
+        ),
+        (
+            json!([{ "namespaces": ["frontend"] }, { "unauthenticated": true }]),
+            Authorization::AllUnauthenticated,
+        ),
+        (json!([]), Authorization::Deny),
+        (
+            json!([{ "namespaces": ["frontend", "jobs"] }, { "serviceAccounts": [{ "name": "web" }, { "name": "cron", "namespace": "jobs" }] }]),
+            // A service account of an admitted namespace adds nothing to its prefix.
+            allow(&[id("shop", "web")], &["frontend", "jobs"]),
+        ),
+    ];
+    for (entries, expected) in cases {
+        let mut index = api_cluster();
+        index.apply(Event::Apply(authz_policy(
+            "shop",
+            "p",
+            json!({ "target": { "service": "api" }, "allow": entries }),
+        )));
+        assert!(index.rejected().is_empty(), "{entries}: {:?}", index.rejected());
+        assert_eq!(inbound(&index, "10.0.3.1:8080"), Some(expected.clone()), "{entries}");
+        // Identities as the proxy checks them.
+        let permits = expected.permits(Some(&id("frontend", "x")));
+        assert_eq!(
+            index
+                .policy()
+                .inbound_at(&key("10.0.3.1:8080"))
+                .unwrap()
+                .permits(Some(&id("frontend", "x"))),
+            permits
+        );
+    }
+    let namespaces = allow(&[], &["frontend"]);
+    assert!(namespaces.permits(Some(&id("frontend", "any"))));
+    assert!(
+        !namespaces.permits(Some(&id("frontends", "any"))),
+        "a prefix ends at the segment"
+    );
+    assert!(!namespaces.permits(None));
+}
+
+#[test]
+fn defaults_come_from_the_pod_then_its_namespace_then_the_cluster() {
+    let mut index = Index::new(IndexConfig {
+        cluster_domain: "cluster.local".to_string(),
+        trust_domain: "example.org".to_string(),
+        default_inbound: DefaultInboundPolicy::ClusterAuthenticated,
+    });
+    index.apply(Event::Apply(pod("shop", "plain", &["10.0.4.1"], "a", true)));
+    index.apply(Event::Apply(annotated(
+        pod("shop", "own", &["10.0.4.2"], "b", true),
+        "all-authenticated",
+    )));
+    // The cluster's flag: any identity of our trust domain.
+    let cluster = Authorization::allow(vec!["spiffe://example.org/*".to_string()]).unwrap();
+    assert_eq!(inbound(&index, "10.0.4.1:80"), Some(cluster.clone()));
+    assert!(cluster.permits(Some(&id("elsewhere", "x"))));
+    assert!(!cluster.permits(Some(
+        &SpiffeId::try_from("spiffe://other.org/ns/a/sa/b".to_string()).unwrap()
+    )));
+
+    // The namespace's annotation; the pod's own still wins.
+    let shop: Namespace = object(json!({ "metadata": { "name": "shop" } }));
+    index.apply(Event::Apply(annotated(shop.clone(), "deny")));
+    assert_eq!(inbound(&index, "10.0.4.1:80"), Some(Authorization::Deny));
+    assert_eq!(inbound(&index, "10.0.4.2:80"), Some(Authorization::AllAuthenticated));
+    // A policy targeting a port wins over every default, for that port only.
+    let mut own = annotated(pod("shop", "own", &["10.0.4.2"], "b", true), "all-authenticated");
+    own.metadata.labels = Some(object(json!({ "app": "own" })));
+    index.apply(Event::Apply(own));
+    index.apply(Event::Apply(authz_policy(
+        "shop",
+        "own-open",
+        json!({ "target": { "podSelector": { "matchLabels": { "app": "own" } }, "ports": [80] },
+                "allow": [{ "unauthenticated": true }] }),
+    )));
+    assert_eq!(inbound(&index, "10.0.4.2:80"), Some(Authorization::AllUnauthenticated));
+    assert_eq!(inbound(&index, "10.0.4.2:81"), Some(Authorization::AllAuthenticated));
+
+    // A misspelt default opens nothing: it reads as deny.
+    index.apply(Event::Apply(annotated(shop, "all_unauthenticated")));
+    index.apply(Event::Apply(annotated(
+        pod("shop", "typo", &["10.0.4.3"], "c", true),
+        "open",
+    )));
+    assert_eq!(inbound(&index, "10.0.4.1:80"), Some(Authorization::Deny));
+    assert_eq!(inbound(&index, "10.0.4.3:80"), Some(Authorization::Deny));
+    // Removing the namespace's annotation restores the cluster's default.
+    index.apply(Event::Apply(object::<Namespace>(
+        json!({ "metadata": { "name": "shop" } }),
+    )));
+    assert_eq!(inbound(&index, "10.0.4.1:80"), Some(cluster));
+}
+
+#[test]
+fn deleting_a_policy_restores_the_default() {
+    let mut index = api_cluster();
+    let deny_all = authz_policy(
+        "shop",
+        "deny-api",
+        json!({ "target": { "service": "api" }, "allow": [] }),
+    );
+    index.apply(Event::Apply(deny_all.clone()));
+    assert_eq!(inbound(&index, "10.0.3.1:8080"), Some(Authorization::Deny));
+    assert!(index.apply(Event::Delete(deny_all)));
+    assert_eq!(
+        inbound(&index, "10.0.3.1:8080"),
+        Some(Authorization::AllUnauthenticated)
+    );
+}
+
+#[test]
+fn invalid_policies_are_rejected_alone_with_a_reason() {
+    let mut index = api_cluster();
+    index.apply(Event::Apply(authz_policy(
+        "shop",
+        "good",
+        json!({ "target": { "service": "api", "ports": [8080] }, "allow": [{ "authenticated": true }] }),
+    )));
+    let bad = [
+        (
+            "both-targets",
+            json!({ "target": { "service": "api", "podSelector": {} }, "allow": [] }),
+            "exactly one of service and podSelector",
+        ),
+        (
+            "no-target",
+            json!({ "target": {}, "allow": [] }),
+            "exactly one of service and podSelector",
+        ),
+        (
+            "empty-service",
+            json!({ "target": { "service": "" }, "allow": [] }),
+            "spec.target.service",
+        ),
+        (
+            "port-zero",
+            json!({ "target": { "service": "api", "ports": [8080, 0] }, "allow": [] }),
+            "ports[1]",
+        ),
+        (
+            "port-too-big",
+            json!({ "target": { "service": "api", "ports": [70000] }, "allow": [] }),
+            "70000",
+        ),
+        (
+            "no-ports",
+            json!({ "target": { "service": "api", "ports": [] }, "allow": [] }),
+            "names no port",
+        ),
+        (
+            "unknown-field",
+            json!({ "target": { "service": "api" }, "allow": [], "deny": [] }),
+            "unknown field `deny`",
+        ),
+        (
+            "unknown-entry-field",
+            json!({ "target": { "service": "api" }, "allow": [{ "serviceAccount": "web" }] }),
+            "unknown field `serviceAccount`",
+        ),
+        (
+            "no-allow",
+            json!({ "target": { "service": "api" } }),
+            "missing field `allow`",
+        ),
+        (
+            "empty-sa-name",
+            json!({ "target": { "service": "api" }, "allow": [{ "serviceAccounts": [{ "name": "" }] }] }),
+            "serviceAccounts[0].name",
+        ),
+        (
+            "empty-namespace",
+            json!({ "target": { "service": "api" }, "allow": [{ "namespaces": [""] }] }),
+            "namespaces[0]",
+        ),
+        (
+            "two-kinds",
+            json!({ "target": { "service": "api" }, "allow": [{ "namespaces": ["a"], "authenticated": true }] }),
+            "exactly one of serviceAccounts",
+        ),
+        (
+            "false",
+            json!({ "target": { "service": "api" }, "allow": [{ "authenticated": false }] }),
+            "authenticated: false",
+        ),
+        (
+            "bad-operator",
+            json!({ "target": { "podSelector": { "matchExpressions": [{ "key": "a", "operator": "Near" }] } }, "allow": [] }),
+            "operator `Near`",
+        ),
+        ("no-spec", Value::Null, "spec"),
+    ];
+    for (name, spec, _) in &bad {
+        index.apply(Event::Apply(authz_policy("shop", name, spec.clone())));
+    }
+    let rejected = index.rejected();
+    for (name, _, reason) in &bad {
+        let got = rejected
+            .get(&(Kind::AuthorizationPolicy, ObjectKey::new("shop", name)))
+            .unwrap_or_else(|| panic!("{name} accepted"));
+        assert!(got.contains(reason), "{name}: {got:?} lacks {reason:?}");
+    }
+    assert_eq!(rejected.len(), bad.len());
+    // The good policy still applies, and nothing the rejected ones said does.
+    assert_eq!(inbound(&index, "10.0.3.1:8080"), Some(Authorization::AllAuthenticated));
+    assert_eq!(
+        inbound(&index, "10.0.3.1:9090"),
+        Some(Authorization::AllUnauthenticated)
+    );
+
+    // A good policy updated into a bad one is withdrawn (its stale form is not served).
+    index.apply(Event::Apply(authz_policy(
+        "shop",
+        "good",
+        json!({ "target": { "service": "api", "ports": [0] }, "allow": [] }),
+    )));
+    assert_eq!(
+        inbound(&index, "10.0.3.1:8080"),
+        Some(Authorization::AllUnauthenticated)
+    );
+}
+
+#[test]
+fn pods_that_do_not_own_their_ip_get_no_authorization() {
+    let mut index = index();
+    let mut host = pod("shop", "host", &["192.168.1.10"], "node-agent", true);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    index.apply(Event::Apply(host));
+    let mut done = pod("shop", "job", &["10.0.5.1"], "job", true);
+    done.status.as_mut().unwrap().phase = Some("Succeeded".to_string());
+    index.apply(Event::Apply(done));
+    index.apply(Event::Apply(pod("shop", "plain", &["10.0.5.2"], "app", false)));
+    assert!(index.policy().workloads.is_empty());
+    // The address is now a new pod's.
+    index.apply(Event::Apply(pod("shop", "next", &["10.0.5.1"], "next", true)));
+    assert_eq!(
+        index.policy().workloads[&"10.0.5.1".parse().unwrap()].owner,
+        id("shop", "next")
+    );
+}
+
+#[test]
+fn a_pods_authorization_is_visible_only_to_the_pod() {
+    use crate::discovery_service::visible_update;
+    let mut index = api_cluster();
+    index.apply(Event::Apply(authz_policy(
+        "shop",
+        "api-from-web",
+        json!({ "target": { "service": "api" }, "allow": [{ "serviceAccounts": [{ "name": "web" }] }] }),
+    )));
+    let policy = index.policy();
+    let own = key("10.0.3.1:8080");
+    // The pod's proxy, asking for its own podIP:port over mTLS, is told who may call it.
+    let seen = visible_update(&policy, &own, Some(&id("shop", "api"))).inbound_authorization;
+    assert!(seen.is_some());
+    // Any other workload asking for that address is not, even one the policy admits.
+    assert_eq!(
+        visible_update(&policy, &own, Some(&id("shop", "web"))).inbound_authorization,
+        None
+    );
+    assert_eq!(
+        visible_update(&policy, &own, Some(&id("other", "api"))).inbound_authorization,
+        None
+    );
+    // Nor for the Service's names: those are not the pod's own address.
+    let by_ip = visible_update(&policy, &key("10.96.0.20:80"), Some(&id("shop", "api")));
+    assert_eq!(by_ip.inbound_authorization, None);
 }
