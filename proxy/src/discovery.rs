@@ -378,8 +378,18 @@ fn compile(
             ..Target::default()
         });
     };
+    let mut routes = policy::Destination::compile(destination, metrics, previous)?;
+    // Endpoints that all went away leave a destination with none, not one without endpoints:
+    // its requests get 503 at once instead of going to the original address, which (a
+    // ClusterIP) could lead in plaintext to a meshed pod discovery has not told us about yet.
+    if routes.balancer.is_none()
+        && let Some(balancer) = previous.and_then(|p| p.balancer.clone())
+    {
+        balancer.update(&[]);
+        routes.balancer = Some(balancer);
+    }
     Ok(Target {
-        routes: Some(Arc::new(policy::Destination::compile(destination, metrics, previous)?)),
+        routes: Some(Arc::new(routes)),
         authorization,
     })
 }

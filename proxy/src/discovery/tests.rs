@@ -204,3 +204,25 @@ async fn a_destination_followed_again_starts_from_the_last_answer_seen() {
     assert!(!fresh.is_dropped());
     assert!(matches!(fresh.settled(), Some(Some(_))));
 }
+
+#[test]
+fn endpoints_that_all_go_away_leave_a_destination_with_none() {
+    let metrics = HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
+    let first = compile(&update(vec![]), &metrics, None).unwrap();
+    let before = first.routes.as_ref().unwrap();
+    let mut gone = update(vec![]);
+    gone.endpoints.clear();
+    let after = compile(&gone, &metrics, Some(before)).unwrap();
+    let balancer = after.routes.as_ref().unwrap().balancer.as_ref().expect("kept, empty");
+    assert!(Arc::ptr_eq(balancer, before.balancer.as_ref().unwrap()));
+    assert_eq!(balancer.pick().unwrap_err(), crate::balance::PickError::NoEndpoints);
+    // Known from the start without endpoints: the original destination, as for a route file.
+    assert!(
+        compile(&gone, &metrics, None)
+            .unwrap()
+            .routes
+            .unwrap()
+            .balancer
+            .is_none()
+    );
+}

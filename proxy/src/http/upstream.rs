@@ -77,6 +77,9 @@ pub struct Pool {
     metrics: TcpMetrics,
     h1_idle: Mutex<HashMap<Key, Vec<H1>>>,
     h2: Mutex<HashMap<Key, H2>>,
+    /// Targets an HTTP/2 connection is being made to: a request that finds none waits its turn
+    /// here, so a burst of first requests makes one connection, not one each.
+    h2_connecting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Which protocol the upstream speaks: the one the client spoke.
@@ -119,6 +122,7 @@ impl Pool {
             metrics,
             h1_idle: Mutex::default(),
             h2: Mutex::default(),
+            h2_connecting: Mutex::default(),
         }
     }
 
@@ -198,17 +202,45 @@ impl Pool {
         if let Some(tx) = self.h2_ready(&key) {
             return Ok(tx);
         }
+        // One connection attempt per target at a time; those waiting use what it made (or,
+        // if it failed, try in turn).
+        let gate = crate::discovery::lock(&self.h2_connecting)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _turn = gate.lock().await;
+        if let Some(tx) = self.h2_ready(&key) {
+            return Ok(tx);
+        }
         let target = key.0;
-        let tx = match self.connect(&key).await? {
-            Connection::Plain(io) => handshake_h2(io, target).await?,
-            Connection::Mesh(io) => handshake_h2(*io, target).await?,
+        let made = match self.connect(&key).await {
+            Ok(Connection::Plain(io)) => handshake_h2(io, target).await,
+            Ok(Connection::Mesh(io)) => handshake_h2(*io, target).await,
+            Err(error) => Err(error),
+        };
+        let tx = match made {
+            Ok(tx) => tx,
+            Err(error) => {
+                self.h2_gate_done(&key, &gate);
+                return Err(error);
+            }
         };
         if let Ok(mut map) = self.h2.lock() {
             // A connection made under an older decision for this target is not used again.
             map.retain(|(addr, _), _| *addr != target);
-            map.insert(key, tx.clone());
+            map.insert(key.clone(), tx.clone());
         }
+        self.h2_gate_done(&key, &gate);
         Ok(tx)
+    }
+
+    /// Forgets `key`'s gate unless a newer one replaced it; requests already queued on it keep
+    /// their clone and find the connection when their turn comes.
+    fn h2_gate_done(&self, key: &Key, gate: &Arc<tokio::sync::Mutex<()>>) {
+        let mut connecting = crate::discovery::lock(&self.h2_connecting);
+        if connecting.get(key).is_some_and(|g| Arc::ptr_eq(g, gate)) {
+            connecting.remove(key);
+        }
     }
 
     fn take_idle_h1(&self, key: &Key) -> Option<H1> {
@@ -726,6 +758,48 @@ impl HopByHop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A burst of first requests to one target shares the one connection the first of them makes.
+    #[tokio::test]
+    async fn concurrent_first_requests_make_one_http2_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Empty::<bytes::Bytes>::new(),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let metrics = crate::metrics::Metrics::new();
+        let connect = ConnectSettings {
+            timeout: std::time::Duration::from_secs(3),
+            keepalive: std::time::Duration::from_secs(10),
+        };
+        let pool = Arc::new(Pool::new(
+            connect,
+            None,
+            metrics.tcp(crate::metrics::Direction::Outbound),
+        ));
+        let burst = (0..20).map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.h2((target, Security::Plain)).await.map(|_| ()) })
+        });
+        for request in burst {
+            request.await.unwrap().unwrap();
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed_end_to_end_ones_kept() {
