@@ -817,6 +817,39 @@ fn a_removed_endpoint_leaves_the_client_proxys_view() {
     );
 }
 
+/// The Service's last endpoint goes away (its Pod deleted, its slice emptied): the destination is
+/// still known, now with no endpoints, so the client proxy answers 503 `no healthy endpoint` itself
+/// instead of dialling the ClusterIP in plaintext (which, without kube-proxy, nothing answers).
+#[test]
+fn a_service_without_endpoints_answers_503_no_healthy_endpoint() {
+    if !require_root("a_service_without_endpoints_answers_503_no_healthy_endpoint") {
+        return;
+    }
+    let cluster = Cluster::start("k8s-empty", 1, |_, _| {});
+    cluster.warm_up(&[0]);
+    let event = Instant::now();
+    cluster.api().delete::<Pod>("shop", &server_name(0));
+    cluster.api().apply(&cluster.api_slice(|_| None));
+    let seen = cluster.wait_ready_endpoints(0.0, "last endpoint removed") - event;
+    let asked = Instant::now();
+    let response = cluster
+        .get(&by_address(), "/gone")
+        .unwrap_or_else(|e| panic!("GET after the last endpoint left: {e}"));
+    let answered = asked.elapsed();
+    assert_eq!(response.status, 503, "{response:?}");
+    assert_eq!(
+        response.header("pillion-proxy-error"),
+        Some("no healthy endpoint"),
+        "{response:?}"
+    );
+    assert!(cluster.apps[0].requests_to("/gone").is_empty());
+    eprintln!(
+        "last endpoint removed: out of the client proxy's view {} after the watch event; the next request answered 503 after {}",
+        ms(seen),
+        ms(answered)
+    );
+}
+
 /// The API server ends every watch and, while they are down, the pod set changes and the versions
 /// the control plane would resume from are compacted: its watches get `410 Gone` and it relists.
 /// A load on the ClusterIP runs throughout: every request is answered by an app (the last known
