@@ -3,7 +3,9 @@
 //! Discovery `Watch` client sees, by service name and by ClusterIP, the Service's endpoints with
 //! identities only for pods running our proxy, an HTTPRoute's weighted split, and every change:
 //! a pod injected, a pod deleted, and changes made while the watches were down and the versions
-//! they would resume from compacted (410 Gone, so the control plane relists).
+//! they would resume from compacted (410 Gone, so the control plane relists). And a pod's own
+//! address answered with its inbound authorization, from AuthorizationPolicies (one the control
+//! plane refuses listed among them) and the namespace's default.
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
@@ -20,7 +22,10 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use pillion_control::proto::{DestinationUpdate, WatchRequest, discovery_client::DiscoveryClient};
+use pillion_control::{
+    k8s::authz::AuthorizationPolicyObject,
+    proto::{DestinationUpdate, WatchRequest, authorization::Policy as Authz, discovery_client::DiscoveryClient},
+};
 use serde_json::{Value, json};
 use tonic::Streaming;
 
@@ -286,7 +291,11 @@ async fn kubernetes_mode_follows_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_gateway_api_crds_services_are_still_served() {
-    let api = ApiServer::start_without(Duration::from_millis(500), &["httproutes", "grpcroutes"]).await;
+    let api = ApiServer::start_without(
+        Duration::from_millis(500),
+        &["httproutes", "grpcroutes", "authorizationpolicies"],
+    )
+    .await;
     api.apply(&object::<Namespace>(json!({ "metadata": { "name": "shop" } })));
     api.apply(&service("web", "10.96.0.10"));
     api.apply(&pod("web-a", "10.0.0.1", "web", true));
@@ -301,6 +310,13 @@ async fn without_the_gateway_api_crds_services_are_still_served() {
     // An address nothing names is unknown: the proxy forwards it to the original destination.
     let mut unknown = open(&mut client, "10.96.9.9:80").await;
     assert!(!until(&mut unknown, "unknown address", |_| true).await.known);
+    // Without the AuthorizationPolicy CRD a pod's ports get the cluster default.
+    let mut own = open(&mut client, "10.0.0.1:8080").await;
+    let update = until(&mut own, "pod's own address", |_| true).await;
+    assert!(matches!(
+        update.inbound_authorization.and_then(|a| a.policy),
+        Some(Authz::AllUnauthenticated(_))
+    ));
 
     // SIGTERM: the watchers stop with the server, and the process exits 0.
     let mut plane = plane;
@@ -318,4 +334,69 @@ async fn without_the_gateway_api_crds_services_are_still_served() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "{exit}");
+}
+
+fn authorization_policy(name: &str, spec: Value) -> AuthorizationPolicyObject {
+    object(json!({ "metadata": { "namespace": "shop", "name": name }, "spec": spec }))
+}
+
+/// The authorization a pod's proxy is told for its own address (a plaintext watcher sees it).
+fn inbound(update: &DestinationUpdate) -> Option<&Authz> {
+    update.inbound_authorization.as_ref().and_then(|a| a.policy.as_ref())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_serves_each_pods_inbound_authorization() {
+    let api = ApiServer::start().await;
+    api.apply(&object::<Namespace>(json!({
+        "metadata": { "name": "shop", "annotations": { "pillion.io/default-inbound-policy": "all-authenticated" } },
+    })));
+    let mut web = pod("web-a", "10.0.0.1", "web", true);
+    web.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+    api.apply(&web);
+    // A policy the control plane refuses is listed with the rest; it must not hide them.
+    api.apply(&authorization_policy(
+        "typo",
+        json!({ "target": { "service": "web" }, "allow": [], "alow": [] }),
+    ));
+    api.apply(&authorization_policy(
+        "web-from-api",
+        json!({ "target": { "podSelector": { "matchLabels": { "app": "web" } }, "ports": [8080] },
+                "allow": [{ "serviceAccounts": [{ "name": "api" }] }] }),
+    ));
+    let dir = support::TempDir::new("kubernetes-authz");
+    let plane = start_control_plane(&api.kubeconfig(), &dir);
+    let mut client = connect(&plane).await;
+
+    let mut port = open(&mut client, "10.0.0.1:8080").await;
+    let first = until(&mut port, "the policy's port", |u| inbound(u).is_some()).await;
+    let Some(Authz::Allow(allow)) = inbound(&first) else {
+        panic!("{first:?}")
+    };
+    assert_eq!(allow.identities, ["spiffe://cluster.local/ns/shop/sa/api"]);
+    // Another port of the pod: the namespace's default.
+    let mut other = open(&mut client, "10.0.0.1:9090").await;
+    let update = until(&mut other, "another port", |u| inbound(u).is_some()).await;
+    assert!(
+        matches!(inbound(&update), Some(Authz::AllAuthenticated(_))),
+        "{update:?}"
+    );
+
+    // A second policy for the port adds its clients; deleting both restores the default.
+    api.apply(&authorization_policy(
+        "web-open",
+        json!({ "target": { "podSelector": { "matchLabels": { "app": "web" } } },
+                "allow": [{ "unauthenticated": true }] }),
+    ));
+    until(&mut port, "union with an open policy", |u| {
+        matches!(inbound(u), Some(Authz::AllUnauthenticated(_)))
+    })
+    .await;
+    api.delete::<AuthorizationPolicyObject>("shop", "web-open");
+    api.delete::<AuthorizationPolicyObject>("shop", "web-from-api");
+    until(&mut port, "the default again", |u| {
+        matches!(inbound(u), Some(Authz::AllAuthenticated(_)))
+    })
+    .await;
+    drop(plane);
 }

@@ -1,5 +1,6 @@
 //! A test-only emulation of the Kubernetes API server's list/watch protocol over HTTP, for the
-//! kinds the control plane reads (Namespaces, Pods, Services, EndpointSlices, HTTP and gRPC routes).
+//! kinds the control plane reads (Namespaces, Pods, Services, EndpointSlices, HTTP and gRPC routes,
+//! AuthorizationPolicies).
 //!
 //! What it does as kube-apiserver does (checked against the official Python client and kube-rs):
 //! one resourceVersion counter for every object; LIST with `limit`/`continue` pages (a continue
@@ -46,7 +47,7 @@ struct ResourceType {
     namespaced: bool,
 }
 
-const RESOURCES: [ResourceType; 6] = [
+const RESOURCES: [ResourceType; 7] = [
     ResourceType {
         prefix: "/api/v1",
         plural: "namespaces",
@@ -87,6 +88,13 @@ const RESOURCES: [ResourceType; 6] = [
         plural: "grpcroutes",
         kind: "GRPCRoute",
         api_version: "gateway.networking.k8s.io/v1",
+        namespaced: true,
+    },
+    ResourceType {
+        prefix: "/apis/policy.pillion.io/v1alpha1",
+        plural: "authorizationpolicies",
+        kind: "AuthorizationPolicy",
+        api_version: "policy.pillion.io/v1alpha1",
         namespaced: true,
     },
 ];
