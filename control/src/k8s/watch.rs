@@ -96,7 +96,7 @@ impl KubernetesSource {
             tokio::select! {
                 synced = &mut synced_rx => return synced.map_err(|_| WatchError::Stopped),
                 _ = tokio::time::sleep(SYNC_REMINDER) => {
-                    tracing::info!(waited = ?started.elapsed(), "waiting for the first complete list of Services, EndpointSlices, Pods, Namespaces and HTTPRoutes");
+                    tracing::info!(waited = ?started.elapsed(), "waiting for the first complete list of Services, EndpointSlices, Pods, Namespaces, routes and AuthorizationPolicies");
                 }
             }
         }
