@@ -21,6 +21,13 @@ pub const OUTBOUND_PORTS_TO_IGNORE: &str = "pillion.io/outbound-ports-to-ignore"
 pub const OUTBOUND_SUBNETS_TO_IGNORE: &str = "pillion.io/outbound-subnets-to-ignore";
 /// The proxy's `PILLION_LOG` for this workload.
 pub const PROXY_LOG_LEVEL: &str = "pillion.io/proxy-log-level";
+/// Ports (and ranges) this workload's proxy forwards without protocol detection (server-speaks-
+/// first protocols); replaces the proxy's default list, as Linkerd's annotation does. The
+/// control plane reads it too (as a protocol hint for the pod's callers).
+pub const OPAQUE_PORTS: &str = "pillion.io/opaque-ports";
+/// Read by the control plane in Kubernetes mode (the pod's inbound default); checked here so a
+/// typo is caught at injection.
+pub const DEFAULT_INBOUND_POLICY: &str = "pillion.io/default-inbound-policy";
 /// IPv6 redirection by pillion-iptables-init: `auto` (the default: when the pod has IPv6), `on`,
 /// `off` (inbound IPv6 is then refused, so nothing reaches the app around the proxy).
 pub const IPV6: &str = "pillion.io/ipv6";
@@ -35,6 +42,7 @@ pub(super) struct PodAnnotations {
     pub outbound_subnets_to_ignore: Option<String>,
     pub proxy_log_level: Option<String>,
     pub ipv6: Option<String>,
+    pub opaque_ports: Option<String>,
     /// `pillion.io/` keys we do not know: probably misspelt.
     pub unknown: Vec<String>,
 }
@@ -69,6 +77,15 @@ pub(super) fn read(annotations: Option<&Mapping>) -> Result<PodAnnotations, Stri
             OUTBOUND_PORTS_TO_IGNORE => pod.outbound_ports_to_ignore = Some(checked(port_list(value))?),
             OUTBOUND_SUBNETS_TO_IGNORE => pod.outbound_subnets_to_ignore = Some(checked(subnet_list(value))?),
             PROXY_LOG_LEVEL => pod.proxy_log_level = Some(checked(log_filter(value))?),
+            OPAQUE_PORTS => pod.opaque_ports = Some(checked(port_list(value))?),
+            DEFAULT_INBOUND_POLICY => match value {
+                "all-unauthenticated" | "all-authenticated" | "cluster-authenticated" | "deny" => {}
+                other => {
+                    return Err(format!(
+                        "annotation {key}: '{other}' is not one of all-unauthenticated, all-authenticated, cluster-authenticated, deny"
+                    ));
+                }
+            },
             IPV6 => match value {
                 "auto" | "on" | "off" => pod.ipv6 = Some(value.to_string()),
                 other => return Err(format!("annotation {key}: '{other}' is not one of auto, on, off")),
@@ -158,6 +175,8 @@ mod tests {
             (OUTBOUND_SUBNETS_TO_IGNORE, "169.254.169.254/32, fd00::/8".into()),
             (PROXY_LOG_LEVEL, "warn,pillion_proxy=debug".into()),
             (IPV6, "off".into()),
+            (OPAQUE_PORTS, "4222, 9000-9010".into()),
+            (DEFAULT_INBOUND_POLICY, "all-authenticated".into()),
             ("pillion.io/proxy-loglevel", "debug".into()),
         ]);
         assert_eq!(
@@ -170,6 +189,7 @@ mod tests {
                 outbound_subnets_to_ignore: Some("169.254.169.254/32,fd00::/8".into()),
                 proxy_log_level: Some("warn,pillion_proxy=debug".into()),
                 ipv6: Some("off".into()),
+                opaque_ports: Some("4222,9000-9010".into()),
                 unknown: vec!["pillion.io/proxy-loglevel".into()],
             }
         );
@@ -187,6 +207,8 @@ mod tests {
             (OUTBOUND_SUBNETS_TO_IGNORE, "metadata".into(), "not an IP address"),
             (IPV6, "yes".into(), "not one of auto, on, off"),
             (PROXY_LOG_LEVEL, "info,[".into(), "not a log filter"),
+            (OPAQUE_PORTS, "redis".into(), "'redis' is not a port"),
+            (DEFAULT_INBOUND_POLICY, "allow".into(), "not one of all-unauthenticated"),
         ] {
             let err = read(Some(&annotations(&[(key, value)]))).unwrap_err();
             assert!(

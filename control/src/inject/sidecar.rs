@@ -162,7 +162,7 @@ env:
     value: {log}
   - name: PILLION_LOG_FORMAT
     value: "plain"
-  - name: PILLION_CONTROL_ADDR
+{opaque_ports}  - name: PILLION_CONTROL_ADDR
     value: {control_addr}
   # TLS to the control plane: the proxy sends its token only to this identity, and believes
   # only its answers.
@@ -234,6 +234,10 @@ volumeMounts:
 "#,
         image = quote(&options.proxy_image),
         log = quote(log),
+        opaque_ports = annotations.opaque_ports.as_deref().map_or(String::new(), |ports| format!(
+            "  # pillion.io/opaque-ports: forwarded without protocol detection.\n  - name: PILLION_OPAQUE_PORTS\n    value: {}\n",
+            quote(ports)
+        )),
         control_addr = quote(&options.control_addr),
         control_identity = quote(&options.control_identity),
         spiffe_id = quote(&format!(
@@ -299,6 +303,20 @@ mod tests {
         assert_eq!(proxy["image"].as_str(), Some("registry.example/proxy:1.0\"\n: x"));
         let env = proxy["env"].as_sequence().unwrap();
         assert!(env.iter().any(|e| e["name"] == "PILLION_LOG" && e["value"] == "0644"));
+        assert!(
+            !env.iter().any(|e| e["name"] == "PILLION_OPAQUE_PORTS"),
+            "the proxy's defaults"
+        );
+        let opaque = PodAnnotations {
+            opaque_ports: Some("4222,9000-9010".into()),
+            ..PodAnnotations::default()
+        };
+        let proxy = proxy_container(&options, &opaque);
+        let env = proxy["env"].as_sequence().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e["name"] == "PILLION_OPAQUE_PORTS" && e["value"] == "4222,9000-9010")
+        );
         let init = init_container(&options, &annotations);
         let env = init["env"].as_sequence().unwrap();
         assert!(
