@@ -5,7 +5,9 @@
 //! a pod injected, a pod deleted, and changes made while the watches were down and the versions
 //! they would resume from compacted (410 Gone, so the control plane relists). And a pod's own
 //! address answered with its inbound authorization, from AuthorizationPolicies (one the control
-//! plane refuses listed among them) and the namespace's default.
+//! plane refuses listed among them) and the namespace's default. And route status: of two
+//! replicas only the Lease holder writes Accepted and ResolvedRefs, keeping another controller's
+//! entry, and the other takes over once the holder is killed.
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
@@ -399,4 +401,191 @@ async fn kubernetes_mode_serves_each_pods_inbound_authorization() {
     })
     .await;
     drop(plane);
+}
+
+/// A replica whose API requests carry `token`, so the emulation tells who wrote what.
+fn start_replica(api: &ApiServer, name: &str, token: &str) -> (ControlPlane, support::TempDir) {
+    let dir = support::TempDir::new(name);
+    let kubeconfig = api
+        .kubeconfig()
+        .replace("token: test-token", &format!("token: {token}"));
+    (start_control_plane(&kubeconfig, &dir), dir)
+}
+
+/// Polls `check` every 100 ms until it gives a value, for at most `limit`.
+async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const CONTROLLER: &str = "pillion.io/mesh-controller";
+
+/// Our entry in a route's `status.parents`, if any.
+fn our_entry(route: &Value) -> Option<Value> {
+    route["status"]["parents"]
+        .as_array()?
+        .iter()
+        .find(|p| p["controllerName"] == CONTROLLER)
+        .cloned()
+}
+
+/// An entry's conditions as `type → (status, reason)`.
+fn conditions(entry: &Value) -> std::collections::BTreeMap<String, (String, String)> {
+    entry["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (s("type"), (s("status"), s("reason")))
+        })
+        .collect()
+}
+
+fn condition(entry: &Value, type_: &str) -> (String, String) {
+    conditions(entry).get(type_).cloned().unwrap_or_default()
+}
+
+fn pair(status: &str, reason: &str) -> (String, String) {
+    (status.to_string(), reason.to_string())
+}
+
+/// Tokens of the replicas that wrote route status, in order.
+fn status_writers(api: &ApiServer) -> Vec<String> {
+    api.writes()
+        .into_iter()
+        .filter(|w| w.resource.ends_with("/status"))
+        .map(|w| w.token)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_writes_route_status_and_another_takes_over() {
+    use gateway_api::experimental::grpcroutes::GrpcRoute;
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    let api = ApiServer::start().await;
+    api.apply(&object::<Namespace>(json!({ "metadata": { "name": "shop" } })));
+    api.apply(&service("web", "10.96.0.10"));
+    api.apply(&service("web-stable", "10.96.0.11"));
+    // web-canary, the route's other backend, does not exist yet.
+    api.apply(&split_route());
+    api.apply(&object::<GrpcRoute>(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": { "namespace": "shop", "name": "web-grpc" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": "web" }],
+            "rules": [{ "backendRefs": [{ "name": "web-stable", "port": 80 }] }],
+        },
+    })));
+    // Another controller reports on the route too (a Gateway parent): its entry must stay.
+    let foreign = json!({
+        "parentRef": { "group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge" },
+        "controllerName": "example.com/gateway",
+        "conditions": [{ "type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                         "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1 }],
+    });
+    assert!(api.write_status::<HttpRoute>("shop", "web-split", json!({ "parents": [foreign.clone()] })));
+
+    let (plane_a, _dir_a) = start_replica(&api, "route-status-a", "replica-a");
+    let (plane_b, _dir_b) = start_replica(&api, "route-status-b", "replica-b");
+    let route = |name: &str| api.get::<HttpRoute>("shop", name).unwrap();
+
+    let entry = eventually("the route's status", Duration::from_secs(60), || {
+        our_entry(&route("web-split")).filter(|e| conditions(e).len() == 2)
+    })
+    .await;
+    assert_eq!(condition(&entry, "Accepted"), pair("True", "Accepted"));
+    assert_eq!(condition(&entry, "ResolvedRefs"), pair("False", "BackendNotFound"));
+    assert_eq!(
+        entry["parentRef"],
+        json!({ "group": "", "kind": "Service", "name": "web", "port": 80 })
+    );
+    let generation = route("web-split")["metadata"]["generation"].clone();
+    assert!(
+        entry["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["observedGeneration"] == generation)
+    );
+    let parents = route("web-split")["status"]["parents"].clone();
+    assert!(parents.as_array().unwrap().contains(&foreign), "{parents}");
+    let grpc = eventually("the GRPCRoute's status", Duration::from_secs(20), || {
+        api.get::<GrpcRoute>("shop", "web-grpc").and_then(|r| our_entry(&r))
+    })
+    .await;
+    assert_eq!(condition(&grpc, "Accepted"), pair("True", "Accepted"));
+    assert_eq!(condition(&grpc, "ResolvedRefs"), pair("True", "ResolvedRefs"));
+
+    // The backend Service appears.
+    api.apply(&service("web-canary", "10.96.0.12"));
+    let entry = eventually(
+        "ResolvedRefs after the backend appears",
+        Duration::from_secs(20),
+        || our_entry(&route("web-split")).filter(|e| condition(e, "ResolvedRefs") == pair("True", "ResolvedRefs")),
+    )
+    .await;
+    assert_eq!(condition(&entry, "Accepted"), pair("True", "Accepted"));
+
+    // One replica wrote it all, and it holds the Lease.
+    let writers = status_writers(&api);
+    let holder = writers[0].clone();
+    assert!(writers.iter().all(|w| *w == holder), "{writers:?}");
+    let lease = eventually("the Lease", Duration::from_secs(5), || {
+        api.get::<Lease>("default", "pillion-control-status")
+    })
+    .await;
+    let identity = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string();
+    assert!(!identity.is_empty(), "{lease}");
+    // Nothing left to say: nothing more is written while both replicas run (and renew).
+    let written = writers.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        status_writers(&api).len(),
+        written,
+        "an unchanged status is not rewritten"
+    );
+
+    // The holder dies without giving the Lease up (SIGKILL); the route changes meanwhile.
+    let (survivor, survivor_token) = if holder == "replica-a" {
+        drop(plane_a);
+        (plane_b, "replica-b")
+    } else {
+        drop(plane_b);
+        (plane_a, "replica-a")
+    };
+    let killed = Instant::now();
+    let mut changed = split_route();
+    changed.spec.rules.as_mut().unwrap()[0].backend_refs.as_mut().unwrap()[0].weight = Some(50);
+    api.apply(&changed);
+    let new_generation = route("web-split")["metadata"]["generation"].as_i64().unwrap();
+    assert_eq!(Some(new_generation), generation.as_i64().map(|g| g + 1));
+    // Taken over once the Lease (15 s) has not been renewed for its duration.
+    let entry = eventually("the survivor's status write", Duration::from_secs(60), || {
+        our_entry(&route("web-split"))
+            .filter(|e| e["conditions"][0]["observedGeneration"].as_i64() == Some(new_generation))
+    })
+    .await;
+    eprintln!(
+        "the other replica wrote status {:?} after the holder was killed",
+        killed.elapsed()
+    );
+    assert_eq!(condition(&entry, "Accepted"), pair("True", "Accepted"));
+    assert_eq!(status_writers(&api).last().map(String::as_str), Some(survivor_token));
+    let lease = api.get::<Lease>("default", "pillion-control-status").unwrap();
+    assert_ne!(lease["spec"]["holderIdentity"].as_str().unwrap_or_default(), identity);
+    assert!(
+        route("web-split")["status"]["parents"]
+            .as_array()
+            .unwrap()
+            .contains(&foreign)
+    );
+    drop(survivor);
 }

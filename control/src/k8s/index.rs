@@ -38,6 +38,7 @@ use pillion_api::policy::model::{
 use super::{
     authz::{Allowed, AuthorizationPolicyObject, DefaultInboundPolicy, PolicyInfo, Selector, TargetPods},
     route::{BackendService, HttpRouteInfo},
+    status::{RouteSource, RouteSources},
 };
 
 /// The proxy container the injector adds (`pillion-control inject`): a pod running it is meshed,
@@ -91,6 +92,8 @@ pub struct Index {
     authorization_policies: Store<PolicyInfo>,
     rejected: BTreeMap<(Kind, ObjectKey), String>,
     synced: HashSet<Kind>,
+    /// Every route as written, served or refused: what its status is made of (status.rs).
+    route_sources: RouteSources,
 }
 
 /// One kind's objects, and the relist being collected, if any.
@@ -105,6 +108,10 @@ pub trait Indexed: kube::Resource + Sized {
     type Info;
     fn parse(&self) -> Result<Self::Info, String>;
     fn store(index: &mut Index) -> &mut Store<Self::Info>;
+    /// What the object's status is made of, for the kinds whose status we write (routes).
+    fn status_source(&self) -> Option<RouteSource> {
+        None
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -217,12 +224,14 @@ impl Index {
             authorization_policies: Store::default(),
             rejected: BTreeMap::new(),
             synced: HashSet::new(),
+            route_sources: RouteSources::default(),
         }
     }
 
     /// Applies one watcher event. Returns whether the served state may have changed (objects
     /// listed during a relist change nothing until the relist is complete).
     pub fn apply<K: Indexed>(&mut self, event: Event<K>) -> bool {
+        self.route_sources.observe(&event);
         match event {
             Event::Apply(obj) => {
                 let key = ObjectKey::of(&obj);
@@ -272,6 +281,15 @@ impl Index {
     /// Objects currently refused, with the reason.
     pub fn rejected(&self) -> &BTreeMap<(Kind, ObjectKey), String> {
         &self.rejected
+    }
+
+    /// The routes whose status concerns us, as last seen.
+    pub fn route_sources(&self) -> &RouteSources {
+        &self.route_sources
+    }
+
+    pub fn has_service(&self, key: &ObjectKey) -> bool {
+        self.services.current.contains_key(key)
     }
 
     pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {
@@ -856,6 +874,10 @@ impl Indexed for HttpRoute {
         HttpRouteInfo::parse(self)
     }
 
+    fn status_source(&self) -> Option<RouteSource> {
+        RouteSource::of_http(self)
+    }
+
     fn store(index: &mut Index) -> &mut Store<HttpRouteInfo> {
         &mut index.routes
     }
@@ -867,6 +889,10 @@ impl Indexed for GrpcRoute {
 
     fn parse(&self) -> Result<HttpRouteInfo, String> {
         HttpRouteInfo::parse_grpc(self)
+    }
+
+    fn status_source(&self) -> Option<RouteSource> {
+        RouteSource::of_grpc(self)
     }
 
     fn store(index: &mut Index) -> &mut Store<HttpRouteInfo> {

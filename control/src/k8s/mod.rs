@@ -7,11 +7,15 @@
 //! index   watcher events → per-kind stores → one model Policy (pure, no I/O)
 //! route   a Gateway API HTTPRoute with a Service parentRef (GAMMA) → model routes, checked once
 //! authz   the AuthorizationPolicy CRD and inbound defaults → who may call each pod's ports
+//! status  each route's Accepted and ResolvedRefs conditions, written by one replica
+//! lease   which replica that is: the holder of a coordination.k8s.io Lease
 //! ```
 
 pub mod authz;
 pub mod index;
+pub mod lease;
 pub mod route;
+pub mod status;
 pub mod watch;
 
 pub use authz::DefaultInboundPolicy;

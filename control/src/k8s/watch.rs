@@ -9,6 +9,9 @@
 //! (a relist of a thousand pods is one update, not a thousand). Nothing is published before every
 //! kind has been listed once: a policy built from Services without their Pods would send meshed
 //! endpoints without identities, i.e. plaintext. While a watch is down the last state is served.
+//!
+//! When routes are watched, the same thread also publishes the routes whose status should change
+//! (status.rs), which the replica holding the Lease (lease.rs) writes.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -29,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     authz::AuthorizationPolicyObject,
     index::{Index, IndexConfig, Indexed, Kind},
+    lease::{self, LeaseConfig},
+    status::{self, Pending},
 };
 use crate::policy::{Policy, PolicyWatch};
 
@@ -80,12 +85,27 @@ impl KubernetesSource {
             streams.push(updates::<AuthorizationPolicyObject>(&self.client));
         }
         let (synced_tx, synced_rx) = oneshot::channel();
+        // Route status, only when there are routes: every replica computes it, one writes it.
+        let statuses = if kinds.contains(&Kind::HttpRoute) || kinds.contains(&Kind::GrpcRoute) {
+            let (tx, rx) = watch::channel(Arc::new(Pending::new()));
+            let config = LeaseConfig::new(self.client.default_namespace());
+            let leader = lease::elect(self.client.clone(), config, shutdown.clone());
+            tokio::spawn(status::write_statuses(
+                self.client.clone(),
+                leader,
+                rx,
+                shutdown.clone(),
+            ));
+            Some(tx)
+        } else {
+            None
+        };
         // The index gets a thread of its own (driving its watchers through the runtime's handle):
         // building the policy of a large cluster is CPU work (about 0.2 s for 10,000 Services
         // and 100,000 endpoints) that must not stall the gRPC streams on the runtime's workers.
         let runtime = tokio::runtime::Handle::current();
         let index = Index::new(self.config);
-        let following = follow(index, kinds, select_all(streams), synced_tx, shutdown.clone());
+        let following = follow_with_status(index, kinds, select_all(streams), synced_tx, statuses, shutdown.clone());
         std::thread::Builder::new()
             .name("pillion-k8s-index".to_string())
             .spawn(move || runtime.block_on(following))
@@ -104,11 +124,23 @@ impl KubernetesSource {
 }
 
 /// The index's task: apply events, publish the policy once synced.
-async fn follow(
+pub async fn follow(
+    index: Index,
+    kinds: Vec<Kind>,
+    updates: impl Stream<Item = Update> + Unpin,
+    synced: oneshot::Sender<PolicyWatch>,
+    shutdown: CancellationToken,
+) {
+    follow_with_status(index, kinds, updates, synced, None, shutdown).await
+}
+
+/// [`follow`], also publishing the routes whose status should change to `statuses`.
+pub async fn follow_with_status(
     mut index: Index,
     kinds: Vec<Kind>,
     mut updates: impl Stream<Item = Update> + Unpin,
     synced: oneshot::Sender<PolicyWatch>,
+    statuses: Option<watch::Sender<Arc<Pending>>>,
     shutdown: CancellationToken,
 ) {
     let mut synced = Some(synced);
@@ -126,6 +158,16 @@ async fn follow(
         }
         if !changed || !index.is_synced(&kinds) {
             continue;
+        }
+        if let Some(statuses) = &statuses {
+            let pending = status::pending(&index);
+            statuses.send_if_modified(|current| {
+                if **current == pending {
+                    return false;
+                }
+                *current = Arc::new(pending);
+                true
+            });
         }
         let policy = index.policy();
         match &publisher {

@@ -1,6 +1,6 @@
 //! A test-only emulation of the Kubernetes API server's list/watch protocol over HTTP, for the
 //! kinds the control plane reads (Namespaces, Pods, Services, EndpointSlices, HTTP and gRPC routes,
-//! AuthorizationPolicies).
+//! AuthorizationPolicies), and the few writes it makes (Leases, route status).
 //!
 //! What it does as kube-apiserver does (checked against the official Python client and kube-rs):
 //! one resourceVersion counter for every object; LIST with `limit`/`continue` pages (a continue
@@ -13,9 +13,20 @@
 //! It serves plain HTTP, or HTTPS with a given certificate ([`ApiServer::start_tls`]).
 //! Test controls: [`ApiServer::pause_watches`] ends every open watch and holds new ones (an API
 //! server restart), [`ApiServer::compact`] makes every past version too old, and
-//! [`ApiServer::resume_watches`] lets the held watches through. Not emulated: discovery documents,
-//! label and field selectors, writes over HTTP (tests write through [`ApiServer::apply`]), and the
-//! status subresource (a test writes a pod's status as the kubelet would).
+//! [`ApiServer::resume_watches`] lets the held watches through. `metadata.generation` starts at 1
+//! and grows when anything but metadata and status changes.
+//!
+//! Writes over HTTP, only where the control plane makes them: GET of one object; POST (create,
+//! 409 AlreadyExists) and PUT (replace, 409 Conflict when the body's resourceVersion is not the
+//! stored one) of coordination.k8s.io/v1 Leases; and PATCH of the `status` subresource of
+//! HTTPRoutes and GRPCRoutes with a JSON merge patch (`application/merge-patch+json`: only
+//! `status` is changed; a `metadata.resourceVersion` in the patch is a precondition, 409 when
+//! stale). As for a CRD with a status subresource, [`ApiServer::apply`] of a route keeps the
+//! stored status (a test writes one as another controller would with
+//! [`ApiServer::write_status`]). Every HTTP write is recorded with its bearer token
+//! ([`ApiServer::writes`]). Not emulated: discovery documents, label and field selectors, other
+//! writes (tests write through [`ApiServer::apply`]), and the pods' status subresource (a test
+//! writes a pod's status as the kubelet would).
 
 #![allow(dead_code)]
 
@@ -47,7 +58,7 @@ struct ResourceType {
     namespaced: bool,
 }
 
-const RESOURCES: [ResourceType; 7] = [
+const RESOURCES: [ResourceType; 8] = [
     ResourceType {
         prefix: "/api/v1",
         plural: "namespaces",
@@ -97,7 +108,29 @@ const RESOURCES: [ResourceType; 7] = [
         api_version: "policy.pillion.io/v1alpha1",
         namespaced: true,
     },
+    ResourceType {
+        prefix: "/apis/coordination.k8s.io/v1",
+        plural: "leases",
+        kind: "Lease",
+        api_version: "coordination.k8s.io/v1",
+        namespaced: true,
+    },
 ];
+
+/// Kinds whose status is written only through `/status` (route CRDs with a status subresource).
+const STATUS_SUBRESOURCE: [&str; 2] = ["httproutes", "grpcroutes"];
+
+/// One write made over HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub method: String,
+    /// `leases`, `httproutes/status`, …
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    /// The bearer token it came with: which client wrote.
+    pub token: String,
+}
 
 /// The emulated API server, serving on a loopback port until dropped.
 pub struct ApiServer {
@@ -129,6 +162,7 @@ struct State {
     /// Every event: (version, plural, type, object).
     log: Vec<(u64, &'static str, &'static str, Value)>,
     uid: u64,
+    writes: Vec<Write>,
 }
 
 impl ApiServer {
@@ -242,34 +276,44 @@ impl ApiServer {
         let mut value = serde_json::to_value(object).unwrap();
         value["apiVersion"] = json!(K::api_version(&()));
         value["kind"] = json!(K::kind(&()));
-        let key = key_of(&value);
         let mut state = self.shared.state.lock().unwrap();
-        state.resource_version += 1;
-        state.uid += 1;
-        let rv = state.resource_version;
-        let uid = state.uid;
-        let objects = state.objects.entry(plural).or_default();
-        let previous = objects.get(&key).cloned();
-        let meta = &mut value["metadata"];
-        meta["resourceVersion"] = json!(rv.to_string());
-        match &previous {
-            Some(p) => {
-                meta["uid"] = p["metadata"]["uid"].clone();
-                meta["creationTimestamp"] = p["metadata"]["creationTimestamp"].clone();
-            }
-            None => {
-                meta["uid"] = json!(format!("00000000-0000-0000-0000-{uid:012}"));
-                if meta.get("creationTimestamp").is_none_or(Value::is_null) {
-                    meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-                }
-            }
-        }
-        objects.insert(key, value.clone());
-        let kind = if previous.is_some() { "MODIFIED" } else { "ADDED" };
-        state.log.push((rv, plural, kind, value));
+        let (rv, _) = store(&mut state, plural, value);
         drop(state);
         self.shared.notify.send_modify(|n| *n += 1);
         rv
+    }
+
+    /// The stored object, as a GET would answer it.
+    pub fn get<K>(&self, namespace: &str, name: &str) -> Option<Value>
+    where
+        K: kube::Resource<DynamicType = ()>,
+    {
+        let state = self.shared.state.lock().unwrap();
+        let objects = state.objects.get(plural_of::<K>())?;
+        objects.get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    /// Replaces an object's `status` as another controller would through `/status` (MODIFIED).
+    pub fn write_status<K>(&self, namespace: &str, name: &str, status: Value) -> bool
+    where
+        K: kube::Resource<DynamicType = ()>,
+    {
+        let plural = plural_of::<K>();
+        let mut state = self.shared.state.lock().unwrap();
+        let key = (namespace.to_string(), name.to_string());
+        let Some(mut value) = state.objects.get(plural).and_then(|o| o.get(&key)).cloned() else {
+            return false;
+        };
+        value["status"] = status;
+        write_status_locked(&mut state, plural, key, value);
+        drop(state);
+        self.shared.notify.send_modify(|n| *n += 1);
+        true
+    }
+
+    /// The writes made over HTTP so far, oldest first.
+    pub fn writes(&self) -> Vec<Write> {
+        self.shared.state.lock().unwrap().writes.clone()
     }
 
     /// Deletes an object (DELETED, carrying its last state at a new version).
@@ -347,6 +391,71 @@ fn plural_of<K: kube::Resource<DynamicType = ()>>() -> &'static str {
         .unwrap_or_else(|| panic!("the emulated API server does not serve {kind}"))
 }
 
+/// Creates or replaces an object as the API server stores it: a new resourceVersion, the uid and
+/// creation time kept, the generation bumped when anything but metadata and status changed, and
+/// the stored status kept for kinds with a status subresource. Returns its version and whether
+/// it was created.
+fn store(state: &mut State, plural: &'static str, mut value: Value) -> (u64, bool) {
+    let key = key_of(&value);
+    state.resource_version += 1;
+    state.uid += 1;
+    let rv = state.resource_version;
+    let uid = state.uid;
+    let objects = state.objects.entry(plural).or_default();
+    let previous = objects.get(&key).cloned();
+    if STATUS_SUBRESOURCE.contains(&plural) {
+        match previous.as_ref().and_then(|p| p.get("status")) {
+            Some(status) => value["status"] = status.clone(),
+            None => {
+                if let Some(obj) = value.as_object_mut() {
+                    obj.remove("status");
+                }
+            }
+        }
+    }
+    let meta = &mut value["metadata"];
+    meta["resourceVersion"] = json!(rv.to_string());
+    match &previous {
+        Some(p) => {
+            meta["uid"] = p["metadata"]["uid"].clone();
+            meta["creationTimestamp"] = p["metadata"]["creationTimestamp"].clone();
+            let generation = p["metadata"]["generation"].as_i64().unwrap_or(1);
+            let changed = without_meta_and_status(p) != without_meta_and_status(&value);
+            value["metadata"]["generation"] = json!(generation + i64::from(changed));
+        }
+        None => {
+            meta["uid"] = json!(format!("00000000-0000-0000-0000-{uid:012}"));
+            if meta.get("creationTimestamp").is_none_or(Value::is_null) {
+                meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            meta["generation"] = json!(1);
+        }
+    }
+    objects.insert(key, value.clone());
+    let kind = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+    state.log.push((rv, plural, kind, value));
+    (rv, previous.is_none())
+}
+
+fn without_meta_and_status(value: &Value) -> Value {
+    let mut value = value.clone();
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove("metadata");
+        obj.remove("status");
+    }
+    value
+}
+
+/// Stores a status change: a new resourceVersion, nothing else (the generation stays).
+fn write_status_locked(state: &mut State, plural: &'static str, key: (String, String), mut value: Value) -> u64 {
+    state.resource_version += 1;
+    let rv = state.resource_version;
+    value["metadata"]["resourceVersion"] = json!(rv.to_string());
+    state.objects.entry(plural).or_default().insert(key, value.clone());
+    state.log.push((rv, plural, "MODIFIED", value));
+    rv
+}
+
 fn key_of(value: &Value) -> (String, String) {
     let meta = &value["metadata"];
     (
@@ -357,15 +466,32 @@ fn key_of(value: &Value) -> (String, String) {
 
 /// Which resource a path names, and the namespace it is limited to.
 fn route(path: &str) -> Option<(&'static ResourceType, Option<String>)> {
+    match target(path)? {
+        (resource, namespace, None, None) => Some((resource, namespace)),
+        _ => None,
+    }
+}
+
+/// A path's resource, namespace, object name and subresource (`status`).
+type Target = (&'static ResourceType, Option<String>, Option<String>, Option<String>);
+
+fn target(path: &str) -> Option<Target> {
     for resource in &RESOURCES {
         let Some(rest) = path.strip_prefix(resource.prefix) else {
             continue;
         };
         let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
+        let own = |s: &&str| s.to_string();
         match segments.as_slice() {
-            [plural] if *plural == resource.plural => return Some((resource, None)),
-            ["namespaces", ns, plural] if *plural == resource.plural && resource.namespaced => {
-                return Some((resource, Some(ns.to_string())));
+            [plural] if *plural == resource.plural => return Some((resource, None, None, None)),
+            ["namespaces", ns, plural, item @ ..] if *plural == resource.plural && resource.namespaced => {
+                let (name, sub) = match item {
+                    [] => (None, None),
+                    [name] => (Some(own(name)), None),
+                    [name, sub] => (Some(own(name)), Some(own(sub))),
+                    _ => return None,
+                };
+                return Some((resource, Some(ns.to_string()), name, sub));
             }
             _ => {}
         }
@@ -384,26 +510,196 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 .collect()
         })
         .unwrap_or_default();
-    let found = route(req.uri().path()).filter(|(r, _)| !shared.missing.contains(&r.plural));
-    let Some((resource, namespace)) = found else {
+    let found = target(req.uri().path()).filter(|(r, ..)| !shared.missing.contains(&r.plural));
+    let Some((resource, namespace, name, sub)) = found else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
             &format!("{} not found", req.uri().path()),
         );
     };
-    if req.method() != http::Method::GET {
-        return status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "only list and watch are emulated",
-        );
+    if name.is_some() || req.method() != http::Method::GET {
+        return write(shared, req, resource, namespace.unwrap_or_default(), name, sub).await;
     }
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if watching {
         watch_stream(shared, resource, namespace, &query).await
     } else {
         list(&shared, resource, namespace, &query)
+    }
+}
+
+/// GET of one object, and the writes the control plane makes (see the module's doc).
+async fn write(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    resource: &'static ResourceType,
+    namespace: String,
+    name: Option<String>,
+    sub: Option<String>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string();
+    let plural = resource.plural;
+    let lease = plural == "leases";
+    let status_patch = STATUS_SUBRESOURCE.contains(&plural) && sub.as_deref() == Some("status");
+    let allowed = match (&method, &name, &sub) {
+        (&http::Method::GET, Some(_), None) => true,
+        (&http::Method::POST, None, None) | (&http::Method::PUT, Some(_), None) => lease,
+        (&http::Method::PATCH, Some(_), Some(_)) => status_patch,
+        _ => false,
+    };
+    if !allowed {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not emulated: list, watch, get, Lease create/replace and route status merge patch only",
+        );
+    }
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "cannot read the body");
+    };
+    let body: Value = if method == http::Method::GET {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("not JSON: {e}")),
+        }
+    };
+    let mut state = shared.state.lock().unwrap();
+    let key = (namespace.clone(), name.clone().unwrap_or_default());
+    let stored = state.objects.get(plural).and_then(|o| o.get(&key)).cloned();
+    let not_found = || {
+        status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{plural} \"{}\" not found", key.1),
+        )
+    };
+    let record = |state: &mut State, name: &str| {
+        state.writes.push(Write {
+            method: method.to_string(),
+            resource: match &sub {
+                Some(sub) => format!("{plural}/{sub}"),
+                None => plural.to_string(),
+            },
+            namespace: namespace.clone(),
+            name: name.to_string(),
+            token: token.clone(),
+        })
+    };
+    let conflict = |name: &str| {
+        status(
+            StatusCode::CONFLICT,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {plural}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                resource.api_version.split('/').next().unwrap_or_default()
+            ),
+        )
+    };
+    let response = match method {
+        http::Method::GET => match stored {
+            Some(object) => return json_response(StatusCode::OK, &object),
+            None => return not_found(),
+        },
+        http::Method::POST => {
+            let mut object = body;
+            object["apiVersion"] = json!(resource.api_version);
+            object["kind"] = json!(resource.kind);
+            object["metadata"]["namespace"] = json!(namespace);
+            let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name is required");
+            };
+            if state
+                .objects
+                .get(plural)
+                .is_some_and(|o| o.contains_key(&(namespace.clone(), name.clone())))
+            {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("{plural} \"{name}\" already exists"),
+                );
+            }
+            record(&mut state, &name);
+            store(&mut state, plural, object);
+            let created = state.objects[plural][&(namespace.clone(), name)].clone();
+            json_response(StatusCode::CREATED, &created)
+        }
+        http::Method::PUT => {
+            let Some(stored) = stored else { return not_found() };
+            let mut object = body;
+            let wanted = object["metadata"]["resourceVersion"].as_str().map(str::to_string);
+            if wanted.is_some_and(|rv| Some(rv.as_str()) != stored["metadata"]["resourceVersion"].as_str()) {
+                return conflict(&key.1);
+            }
+            object["apiVersion"] = json!(resource.api_version);
+            object["kind"] = json!(resource.kind);
+            object["metadata"]["namespace"] = json!(namespace);
+            object["metadata"]["name"] = json!(key.1);
+            record(&mut state, &key.1);
+            store(&mut state, plural, object);
+            json_response(StatusCode::OK, &state.objects[plural][&key].clone())
+        }
+        _ => {
+            // PATCH of /status.
+            if content_type.split(';').next() != Some("application/merge-patch+json") {
+                return status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    &format!("the emulation takes merge patches only, not {content_type}"),
+                );
+            }
+            let Some(mut object) = stored else { return not_found() };
+            let wanted = body["metadata"]["resourceVersion"].as_str();
+            if wanted.is_some_and(|rv| Some(rv) != object["metadata"]["resourceVersion"].as_str()) {
+                return conflict(&key.1);
+            }
+            // The status subresource changes status only, whatever else the patch says.
+            if let Some(patch) = body.get("status") {
+                merge_patch(&mut object["status"], patch);
+            }
+            record(&mut state, &key.1);
+            write_status_locked(&mut state, plural, key.clone(), object);
+            json_response(StatusCode::OK, &state.objects[plural][&key].clone())
+        }
+    };
+    drop(state);
+    shared.notify.send_modify(|n| *n += 1);
+    response
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
     }
 }
 
