@@ -25,7 +25,7 @@ use pillion_control::{
     tls::ServerIdentity,
     webhook::{self, CertificateFiles, Namespaces, Webhook},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// How often the policy file is checked for changes.
 const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -127,8 +127,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
 
     let shutdown = CancellationToken::new();
+    // Work that must finish before exiting once shut down (Kubernetes mode: giving up the Lease).
+    let tasks = TaskTracker::new();
     let policy = match &args.policy {
-        None if args.kubernetes => kubernetes_policy(&args, shutdown.clone()).await?,
+        None if args.kubernetes => kubernetes_policy(&args, shutdown.clone(), &tasks).await?,
         Some(path) => PolicyWatch::load_and_watch(path.clone(), POLICY_POLL_INTERVAL, shutdown.clone())
             .map_err(|e| e.to_string())?,
         None => PolicyWatch::fixed(Policy::default()),
@@ -194,7 +196,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     shutdown.cancel();
-    match tokio::time::timeout(args.shutdown_grace_period, server).await {
+    tasks.close();
+    let (server, _) = tokio::join!(
+        tokio::time::timeout(args.shutdown_grace_period, server),
+        tokio::time::timeout(args.shutdown_grace_period, tasks.wait()),
+    );
+    match server {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(format!("gRPC server: {e}")),
         Ok(Err(e)) => Err(format!("gRPC server task: {e}")),
@@ -206,7 +213,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 /// Kubernetes mode: the cluster's objects as the policy, once they have all been listed.
-async fn kubernetes_policy(args: &ServeArgs, shutdown: CancellationToken) -> Result<PolicyWatch, String> {
+async fn kubernetes_policy(
+    args: &ServeArgs,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<PolicyWatch, String> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| format!("--kubernetes: no in-cluster configuration and no usable kubeconfig: {e}"))?;
@@ -222,7 +233,7 @@ async fn kubernetes_policy(args: &ServeArgs, shutdown: CancellationToken) -> Res
     };
     // Serving before the first list would answer every destination "unknown" (plaintext).
     tokio::select! {
-        policy = source.start(shutdown.clone()) => policy.map_err(|e| e.to_string()),
+        policy = source.start_tracked(shutdown.clone(), tasks) => policy.map_err(|e| e.to_string()),
         _ = wait_for_signal() => {
             shutdown.cancel();
             Err("stopped before the cluster's objects were listed".to_string())

@@ -589,3 +589,41 @@ async fn one_replica_writes_route_status_and_another_takes_over() {
     );
     drop(survivor);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_holder_gives_the_lease_up_on_sigterm() {
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    let api = ApiServer::start().await;
+    api.apply(&object::<Namespace>(json!({ "metadata": { "name": "shop" } })));
+    api.apply(&service("web", "10.96.0.10"));
+    api.apply(&split_route());
+    let (mut plane, _dir) = start_replica(&api, "lease-release", "replica-a");
+    let holder = |lease: &Value| lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string();
+    let lease = eventually("the Lease held", Duration::from_secs(60), || {
+        api.get::<Lease>("default", "pillion-control-status")
+            .filter(|l| !holder(l).is_empty())
+    })
+    .await;
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &plane.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = plane.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "still running 20s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit}");
+    // Given up before exiting: another replica need not wait for it to expire.
+    let lease = api.get::<Lease>("default", "pillion-control-status").unwrap();
+    assert_eq!(holder(&lease), "", "{lease}");
+    let puts = api.writes().into_iter().filter(|w| w.resource == "leases").count();
+    assert!(puts >= 2, "created, then given up");
+}

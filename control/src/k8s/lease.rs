@@ -22,7 +22,7 @@ use kube::{
     api::{PostParams, ResourceExt},
 };
 use tokio::{sync::watch, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// The Lease's name, in the namespace the control plane runs in.
 pub const LEASE_NAME: &str = "pillion-control-status";
@@ -124,11 +124,17 @@ impl Observed {
     }
 }
 
-/// Takes part in the election until `shutdown`; the receiver says whether this replica holds the
-/// Lease (and may write status).
-pub fn elect(client: Client, config: LeaseConfig, shutdown: CancellationToken) -> watch::Receiver<bool> {
+/// Takes part in the election until `shutdown`, then gives the Lease up if held (a task of
+/// `tasks`, which the process waits for); the receiver says whether this replica holds the Lease
+/// (and may write status).
+pub fn elect(
+    client: Client,
+    config: LeaseConfig,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(run(Api::namespaced(client, &config.namespace), config, tx, shutdown));
+    tasks.spawn(run(Api::namespaced(client, &config.namespace), config, tx, shutdown));
     rx
 }
 

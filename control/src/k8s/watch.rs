@@ -27,7 +27,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::{oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     authz::AuthorizationPolicyObject,
@@ -62,6 +62,16 @@ impl KubernetesSource {
     /// Starts the watchers and returns once every kind has been listed, with the policy they
     /// make; it follows the cluster until `shutdown`.
     pub async fn start(self, shutdown: CancellationToken) -> Result<PolicyWatch, WatchError> {
+        self.start_tracked(shutdown, &TaskTracker::new()).await
+    }
+
+    /// [`start`](Self::start), with what must finish before the process exits (giving up the
+    /// route-status Lease, so another replica takes over at once) spawned on `tasks`.
+    pub async fn start_tracked(
+        self,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<PolicyWatch, WatchError> {
         let mut kinds = vec![Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::Namespace];
         let mut streams = vec![
             updates::<Service>(&self.client),
@@ -89,7 +99,7 @@ impl KubernetesSource {
         let statuses = if kinds.contains(&Kind::HttpRoute) || kinds.contains(&Kind::GrpcRoute) {
             let (tx, rx) = watch::channel(Arc::new(Pending::new()));
             let config = LeaseConfig::new(self.client.default_namespace());
-            let leader = lease::elect(self.client.clone(), config, shutdown.clone());
+            let leader = lease::elect(self.client.clone(), config, shutdown.clone(), tasks);
             tokio::spawn(status::write_statuses(
                 self.client.clone(),
                 leader,
