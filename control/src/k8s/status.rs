@@ -126,6 +126,10 @@ pub type Pending = BTreeMap<RouteRef, StatusWrite>;
 impl RouteSources {
     /// Follows one watcher event of any kind (only routes give a source).
     pub fn observe<K: Indexed>(&mut self, event: &Event<K>) {
+        // Pod and EndpointSlice churn is most of the events: not a key built for them.
+        if !matches!(K::KIND, Kind::HttpRoute | Kind::GrpcRoute) {
+            return;
+        }
         let key = |obj: &K| ObjectKey::new(&obj.namespace().unwrap_or_default(), &obj.name_any());
         match event {
             Event::Apply(obj) => match obj.status_source() {
