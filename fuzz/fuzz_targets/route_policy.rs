@@ -49,7 +49,13 @@ fuzz_target!(|data: &[u8]| {
             };
             let route = destination.route(&req);
             let _ = route.backend();
-            let _ = (destination.pick(), destination.endpoint(dst));
+            let _ = destination.endpoint(dst);
+            if let Some(balancer) = &destination.balancer {
+                // A pick and its outcome, as the balance layer reports one.
+                if let Ok(picked) = balancer.pick() {
+                    picked.complete(std::time::Duration::from_millis(word.len() as u64), i % 3 == 0);
+                }
+            }
             if let Some(retry) = &route.retry {
                 for code in [0u8, 14, 31, 32, 255] {
                     let _ = retry.retries_grpc(code);
