@@ -67,6 +67,8 @@ const MAX_IDLE_PER_TARGET: usize = 32;
 
 /// What a pooled connection is for: a target, under one security decision.
 type Key = (SocketAddr, Security);
+/// An HTTP/2 connection: its key, and which of the target's lanes it is.
+type H2Key = (Key, usize);
 
 /// Connections shared by all client connections of one direction.
 pub struct Pool {
@@ -76,10 +78,15 @@ pub struct Pool {
     /// Counts new upstream connections by mesh identity (when `mesh` is set).
     metrics: TcpMetrics,
     h1_idle: Mutex<HashMap<Key, Vec<H1>>>,
-    h2: Mutex<HashMap<Key, H2>>,
-    /// Targets an HTTP/2 connection is being made to: a request that finds none waits its turn
-    /// here, so a burst of first requests makes one connection, not one each.
-    h2_connecting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// Up to `h2_lanes` HTTP/2 connections per target, one per lane: a connection's frames
+    /// and TLS records are handled by one task, so one connection would hold all the requests
+    /// to a target to one core; a client connection always uses the same lane.
+    h2: Mutex<HashMap<H2Key, H2>>,
+    h2_lanes: usize,
+    next_lane: std::sync::atomic::AtomicUsize,
+    /// Lanes an HTTP/2 connection is being made for: a request that finds none waits its turn
+    /// here, so a burst of first requests makes one connection per lane, not one each.
+    h2_connecting: Mutex<HashMap<H2Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Which protocol the upstream speaks: the one the client spoke.
@@ -112,6 +119,8 @@ pub struct Upstream {
 struct Session {
     pool: Arc<Pool>,
     held: Mutex<Option<(Key, H1)>>,
+    /// This client connection's HTTP/2 lane to every target.
+    lane: usize,
 }
 
 impl Pool {
@@ -122,8 +131,18 @@ impl Pool {
             metrics,
             h1_idle: Mutex::default(),
             h2: Mutex::default(),
+            // As many lanes as the runtime has workers (1 outside a runtime, in tests).
+            h2_lanes: tokio::runtime::Handle::try_current()
+                .map_or(1, |rt| rt.metrics().num_workers())
+                .clamp(1, 8),
+            next_lane: std::sync::atomic::AtomicUsize::new(0),
             h2_connecting: Mutex::default(),
         }
+    }
+
+    /// The lane of a new client connection: round robin.
+    fn lane(&self) -> usize {
+        self.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.h2_lanes
     }
 
     /// The security decision in force for `target`, when it is known without waiting: the one
@@ -190,15 +209,15 @@ impl Pool {
         }
     }
 
-    /// The shared HTTP/2 connection for `key`, if there is one still open.
-    fn h2_ready(&self, key: &Key) -> Option<H2> {
+    /// The shared HTTP/2 connection for `key` (a target's lane), if there is one still open.
+    fn h2_ready(&self, key: &H2Key) -> Option<H2> {
         self.h2
             .lock()
             .ok()
             .and_then(|m| m.get(key).filter(|tx| !tx.is_closed()).cloned())
     }
 
-    async fn h2(&self, key: Key) -> Result<H2, ProxyError> {
+    async fn h2(&self, key: H2Key) -> Result<H2, ProxyError> {
         if let Some(tx) = self.h2_ready(&key) {
             return Ok(tx);
         }
@@ -212,8 +231,8 @@ impl Pool {
         if let Some(tx) = self.h2_ready(&key) {
             return Ok(tx);
         }
-        let target = key.0;
-        let made = match self.connect(&key).await {
+        let target = key.0.0;
+        let made = match self.connect(&key.0).await {
             Ok(Connection::Plain(io)) => handshake_h2(io, target).await,
             Ok(Connection::Mesh(io)) => handshake_h2(*io, target).await,
             Err(error) => Err(error),
@@ -227,7 +246,7 @@ impl Pool {
         };
         if let Ok(mut map) = self.h2.lock() {
             // A connection made under an older decision for this target is not used again.
-            map.retain(|(addr, _), _| *addr != target);
+            map.retain(|((addr, security), _), _| *addr != target || *security == key.0.1);
             map.insert(key.clone(), tx.clone());
         }
         self.h2_gate_done(&key, &gate);
@@ -236,7 +255,7 @@ impl Pool {
 
     /// Forgets `key`'s gate unless a newer one replaced it; requests already queued on it keep
     /// their clone and find the connection when their turn comes.
-    fn h2_gate_done(&self, key: &Key, gate: &Arc<tokio::sync::Mutex<()>>) {
+    fn h2_gate_done(&self, key: &H2Key, gate: &Arc<tokio::sync::Mutex<()>>) {
         let mut connecting = crate::discovery::lock(&self.h2_connecting);
         if connecting.get(key).is_some_and(|g| Arc::ptr_eq(g, gate)) {
             connecting.remove(key);
@@ -320,6 +339,7 @@ impl Upstream {
     pub fn new(pool: Arc<Pool>, version: Version, restores_http1: bool) -> Self {
         Upstream {
             session: Arc::new(Session {
+                lane: pool.lane(),
                 pool,
                 held: Mutex::new(None),
             }),
@@ -491,8 +511,10 @@ fn restore_http1(req: &mut ProxyRequest) -> bool {
     true
 }
 
-/// Sends `req` on the shared HTTP/2 connection for `key`, made if there is none.
+/// Sends `req` on the shared HTTP/2 connection for `key` (this client connection's lane), made
+/// if there is none.
 async fn send_h2(session: Arc<Session>, key: Key, req: ProxyRequest) -> Result<ProxyResponse, ProxyError> {
+    let key = (key, session.lane);
     let mut tx = match session.pool.h2_ready(&key) {
         Some(tx) => tx,
         // Boxed: the handshake future is large and rarely needed.
@@ -793,12 +815,30 @@ mod tests {
         ));
         let burst = (0..20).map(|_| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.h2((target, Security::Plain)).await.map(|_| ()) })
+            tokio::spawn(async move { pool.h2(((target, Security::Plain), 0)).await.map(|_| ()) })
         });
         for request in burst {
             request.await.unwrap().unwrap();
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The server counts when it accepts, which may trail the client's handshake.
+        let settled = |want: usize| {
+            let accepted = accepted.clone();
+            async move {
+                for _ in 0..200 {
+                    if accepted.load(std::sync::atomic::Ordering::SeqCst) >= want {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                accepted.load(std::sync::atomic::Ordering::SeqCst)
+            }
+        };
+        assert_eq!(settled(1).await, 1);
+        // Another lane is another connection; the first lane's is shared still.
+        pool.h2(((target, Security::Plain), 1)).await.unwrap();
+        pool.h2(((target, Security::Plain), 0)).await.unwrap();
+        assert_eq!(settled(2).await, 2);
     }
 
     #[test]
