@@ -850,6 +850,97 @@ fn a_service_without_endpoints_answers_503_no_healthy_endpoint() {
     );
 }
 
+/// An `AuthorizationPolicy` on the Service decides who may call its pods: one admitting only
+/// another service account refuses the client (403 from the server's proxy, the app never sees
+/// the request), and one admitting the client's service account lets it in again. No proxy is
+/// restarted: the server's proxy follows its own inbound policy through discovery.
+#[test]
+fn an_authorization_policy_denies_a_workload_and_admits_another() {
+    if !require_root("an_authorization_policy_denies_a_workload_and_admits_another") {
+        return;
+    }
+    let cluster = Cluster::start("k8s-authz", 1, |_, _| {});
+    cluster.warm_up(&[0]);
+    let status_of = |path: &str| {
+        cluster
+            .get(&by_address(), path)
+            .map(|r| (r.status, r.header("pillion-proxy-error").map(str::to_owned)))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    };
+
+    // Only shop/batch may call api's port 8080.
+    let started = Instant::now();
+    cluster.api().apply(&authorization_policy(&[("batch", None)]));
+    // Requests before the policy arrives still reach the app; from the first refusal on, none.
+    poll_until(PROPAGATION_TIMEOUT, Duration::from_millis(20), || {
+        (status_of("/until-denied").0 == 403).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the client was never refused:\n{}", cluster.control.log()));
+    let refused_after = started.elapsed();
+    let denied = status_of("/denied");
+    assert_eq!(
+        denied,
+        (403, Some("denied by authorization policy".to_owned())),
+        "once refused, refused"
+    );
+    assert!(
+        cluster.apps[0].requests_to("/denied").is_empty(),
+        "a refused request reached the app"
+    );
+    cluster
+        .server_admin(0)
+        .wait_at_least("pillion_authz_denied_total{direction=\"inbound\"}", 1.0);
+
+    // Now the client's own service account is admitted.
+    let started = Instant::now();
+    cluster
+        .api()
+        .apply(&authorization_policy(&[("client", Some("default"))]));
+    poll_until(PROPAGATION_TIMEOUT, Duration::from_millis(20), || {
+        (status_of("/admitted").0 == 200).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the client was never admitted:\n{}", cluster.control.log()));
+    let admitted_after = started.elapsed();
+    assert!(!cluster.apps[0].requests_to("/admitted").is_empty());
+    eprintln!(
+        "AuthorizationPolicy: refused {} after the deny was applied, admitted {} after the allow",
+        ms(refused_after),
+        ms(admitted_after)
+    );
+}
+
+/// `shop/api-callers`: the pods behind Service `api`, port 8080, admit these service accounts
+/// (`namespace` defaults to the policy's, `shop`).
+fn authorization_policy(accounts: &[(&str, Option<&str>)]) -> pillion_control::k8s::authz::AuthorizationPolicy {
+    use pillion_control::k8s::authz::{
+        AllowEntry, AuthorizationPolicy, AuthorizationPolicySpec, PolicyTarget, ServiceAccountRef,
+    };
+    let mut policy = AuthorizationPolicy::new(
+        "api-callers",
+        AuthorizationPolicySpec {
+            target: PolicyTarget {
+                service: Some("api".into()),
+                pod_selector: None,
+                ports: Some(vec![APP_PORT]),
+            },
+            allow: vec![AllowEntry {
+                service_accounts: Some(
+                    accounts
+                        .iter()
+                        .map(|(name, namespace)| ServiceAccountRef {
+                            name: (*name).into(),
+                            namespace: namespace.map(Into::into),
+                        })
+                        .collect(),
+                ),
+                ..AllowEntry::default()
+            }],
+        },
+    );
+    policy.metadata.namespace = Some("shop".into());
+    policy
+}
+
 /// The API server ends every watch and, while they are down, the pod set changes and the versions
 /// the control plane would resume from are compacted: its watches get `410 Gone` and it relists.
 /// A load on the ClusterIP runs throughout: every request is answered by an app (the last known
