@@ -41,7 +41,15 @@ impl Outbound {
     pub async fn proxy(self: Arc<Self>, conn: Accepted) {
         let Accepted { mut stream, peer, dst } = conn;
         let target = dst.0;
-        let Some((protocol, prefix)) = self.detect.run(&mut stream, target.port()).await else {
+        // A destination discovery says is opaque is not detected: its server speaks first, and
+        // detection would wait for client bytes that never come (PILLION_OPAQUE_PORTS names
+        // such ports locally; the hint names them for the whole mesh).
+        let detected = if self.opaque_by_discovery(target).await {
+            Some((Protocol::Opaque, bytes::BytesMut::new()))
+        } else {
+            self.detect.run(&mut stream, target.port()).await
+        };
+        let Some((protocol, prefix)) = detected else {
             return;
         };
         self.metrics.detected(protocol).inc();
@@ -105,6 +113,21 @@ impl Outbound {
                 }
             }
         }
+    }
+
+    /// Whether discovery marks `target` opaque (ports already opaque locally are not looked up).
+    async fn opaque_by_discovery(&self, target: SocketAddr) -> bool {
+        if self.detect.opaque_ports.contains(target.port()) {
+            return false;
+        }
+        let Some(discovery) = self.mesh.as_ref().and_then(|m| m.discovery.as_ref()) else {
+            return false;
+        };
+        discovery
+            .lookup(target)
+            .await
+            .and_then(|t| t.routes.as_ref().map(|d| d.opaque()))
+            .unwrap_or(false)
     }
 
     /// Where an opaque connection to `target` goes: one of its destination's endpoints (the

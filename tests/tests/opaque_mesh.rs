@@ -28,6 +28,9 @@ const REDIS_PORT: u16 = 6379;
 /// SMTP's port: the banner server stands in for a mail server, which speaks first.
 const BANNER_PORT: u16 = 25;
 const BANNER: &[u8] = b"220 ready\r\n";
+/// A port in no proxy's opaque list: its server speaks first too, and only the control plane's
+/// `protocol: opaque` hint on the endpoint says so.
+const HINTED_PORT: u16 = 7025;
 const CONTROL_PORT: u16 = 8090;
 /// What these tests run besides the usual namespace tools (Debian's redis-server and redis-tools).
 const PROGRAMS: [&str; 2] = ["redis-server", "redis-cli"];
@@ -46,6 +49,7 @@ struct OpaqueMesh {
     b_proxy: Sidecar,
     _redis: Process,
     banner: Server,
+    hinted: Server,
     _control: ControlPlane,
     _outsider_link: VethLink,
     _link: VethLink,
@@ -106,11 +110,16 @@ impl OpaqueMesh {
             b.listen(SocketAddr::from(([0, 0, 0, 0], BANNER_PORT))),
             banner_then_echo,
         );
+        let hinted = Server::start(
+            b.listen(SocketAddr::from(([0, 0, 0, 0], HINTED_PORT))),
+            banner_then_echo,
+        );
         OpaqueMesh {
             _a_proxy: a_proxy,
             b_proxy,
             _redis: redis,
             banner,
+            hinted,
             _control: control,
             _outsider_link: outsider_link,
             _link: link,
@@ -159,10 +168,14 @@ fn policy(b_ip: Ipv4Addr, server: &Workload, authorization: &str) -> String {
     endpoints: [{{ address: {b_ip}:{REDIS_PORT}, identity: {id} }}]
   - destination: {b_ip}:{BANNER_PORT}
     endpoints: [{{ address: {b_ip}:{BANNER_PORT}, identity: {id} }}]
+  - destination: {b_ip}:{HINTED_PORT}
+    endpoints: [{{ address: {b_ip}:{HINTED_PORT}, identity: {id}, protocol: opaque }}]
 inbound:
   - port: {REDIS_PORT}
     authorization: {authorization}
   - port: {BANNER_PORT}
+    authorization: {authorization}
+  - port: {HINTED_PORT}
     authorization: {authorization}
 "
     )
@@ -258,6 +271,22 @@ fn redis_and_a_server_that_speaks_first_are_reached_over_mutual_tls() {
         mesh.b_ip,
         "B's app is reached by B's proxy, at the pod address"
     );
+
+    // A port only the control plane calls opaque: A's proxy does not wait to detect a protocol
+    // (it would wait for the client's first bytes while the client waits for the banner).
+    let mut conn = mesh.a.connect(mesh.addr(HINTED_PORT)).expect("connect to B:7025");
+    // Held for detection, the banner would come only when detection gives up
+    // (PILLION_DETECT_TIMEOUT, 10 s): half of that tells the two apart on any machine.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("read timeout");
+    let mut banner = [0u8; BANNER.len()];
+    conn.read_exact(&mut banner)
+        .expect("the banner of a port the control plane marks opaque, before any byte from the client");
+    assert_eq!(&banner, BANNER);
+    roundtrip(&mut conn, &opaque("after the hinted banner")).expect("echo after the banner");
+    drop(conn);
+    assert_eq!(mesh.hinted.peers().len(), 1, "{:?}", mesh.hinted.peers());
+    mesh.b_admin().wait_at_least(&mesh_tls("inbound", &client_id), 4.0);
 
     // Plaintext straight to B's inbound port is no transport: refused, counted, not forwarded.
     let not_transport = refused("inbound", "not_transport");

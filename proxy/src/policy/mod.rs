@@ -310,6 +310,13 @@ impl Destination {
         self.endpoints.iter().find(|e| e.address == address)
     }
 
+    /// Whether the destination is to be forwarded without protocol detection: every endpoint
+    /// says its port is opaque (a server-speaks-first protocol, by `pillion.io/opaque-ports` or
+    /// `appProtocol` in Kubernetes, or `protocol: opaque` in a policy file).
+    pub fn opaque(&self) -> bool {
+        !self.endpoints.is_empty() && self.endpoints.iter().all(|e| e.protocol == ProtocolHint::Opaque)
+    }
+
     /// The identity expected at `address`.
     pub fn identity(&self, address: SocketAddr) -> Option<&SpiffeId> {
         self.endpoint(address)?.identity.as_ref()

@@ -239,3 +239,21 @@ fn a_reload_keeps_what_the_balancers_learnt_and_new_settings_start_afresh() {
         3
     );
 }
+
+#[test]
+fn a_destination_is_opaque_when_every_endpoint_says_so() {
+    let yaml = |second: &str| {
+        format!(
+            "destinations:\n  - destination: db:5433\n    endpoints: [{{ address: \"10.0.0.1:5433\", protocol: opaque }}, {{ address: \"10.0.0.2:5433\"{second} }}]\n  - destination: web:80\n    routes: [{{ name: r }}]\n"
+        )
+    };
+    let opaque = |p: &Policy, authority| p.destination(Some(authority), DST.parse().unwrap()).opaque();
+    let all = compile(&yaml(", protocol: opaque")).unwrap();
+    assert!(opaque(&all, "db:5433"));
+    let mixed = compile(&yaml("")).unwrap();
+    assert!(
+        !opaque(&mixed, "db:5433"),
+        "one endpoint without the hint: detected as usual"
+    );
+    assert!(!opaque(&all, "web:80"), "no endpoints: no hint");
+}
