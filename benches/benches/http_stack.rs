@@ -120,7 +120,7 @@ fn proxy(version: Version, upstream: SocketAddr) -> DuplexStream {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer = SocketAddr::from(([10, 0, 0, 1], 5555));
     // `None`: no per-request authorization, as on the outbound side.
-    tokio::spawn(async move { http.serve(server, version, upstream, peer, None).await });
+    tokio::spawn(async move { http.serve(server, version, upstream, peer, None, None).await });
     client
 }
 

@@ -149,6 +149,14 @@ impl Held {
         Held { destination, handle }
     }
 
+    /// A holder of `handle`, taken already (by whoever decided the connection's protocol).
+    pub fn from_handle(destination: Authority, handle: Handle) -> Self {
+        Held {
+            destination,
+            handle: Some(handle),
+        }
+    }
+
     /// The current handle, followed again if it was dropped.
     pub fn handle(&mut self, discovery: &Discovery) -> Option<&Handle> {
         if self.handle.as_ref().is_none_or(Handle::is_dropped) {

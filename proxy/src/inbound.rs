@@ -109,7 +109,7 @@ impl Inbound {
                     self.metrics.authz_denied.clone(),
                 ));
                 self.http
-                    .serve(PrefixedIo::new(prefix, io), version, app, peer, Some(authz))
+                    .serve(PrefixedIo::new(prefix, io), version, app, peer, Some(authz), None)
                     .await
             }
             Protocol::Tls | Protocol::Opaque if self.authorize(app, client_id.as_ref(), peer).await => {

@@ -21,6 +21,7 @@ use crate::{
     accept::Accepted,
     balance::Picked,
     detect::{DetectSettings, PrefixedIo, Protocol},
+    discovery::Target,
     forward::{self, ForwardSettings, Upstream},
     http::{HttpProxy, upstream::Version},
     mesh::{Mesh, Security},
@@ -41,10 +42,26 @@ impl Outbound {
     pub async fn proxy(self: Arc<Self>, conn: Accepted) {
         let Accepted { mut stream, peer, dst } = conn;
         let target = dst.0;
+        // Discovery's answer for the original destination, taken once for the connection: it
+        // decides detection, and then the HTTP path's routing or the opaque path's endpoint and
+        // security.
+        let handle = self
+            .mesh
+            .as_ref()
+            .and_then(|m| m.discovery.as_ref())
+            .and_then(|d| d.handle_addr(target));
+        let answer = match &handle {
+            Some(handle) => handle.clone().resolve().await,
+            None => None,
+        };
         // A destination discovery says is opaque is not detected: its server speaks first, and
         // detection would wait for client bytes that never come (PILLION_OPAQUE_PORTS names
         // such ports locally; the hint names them for the whole mesh).
-        let detected = if self.opaque_by_discovery(target).await {
+        let opaque = answer
+            .as_ref()
+            .and_then(|t| t.routes.as_ref())
+            .is_some_and(|d| d.opaque());
+        let detected = if opaque && !self.detect.opaque_ports.contains(target.port()) {
             Some((Protocol::Opaque, bytes::BytesMut::new()))
         } else {
             self.detect.run(&mut stream, target.port()).await
@@ -57,13 +74,13 @@ impl Outbound {
             Protocol::Http1 | Protocol::Http2 => {
                 let version = Version::of(protocol);
                 self.http
-                    .serve(PrefixedIo::new(prefix, stream), version, target, peer, None)
+                    .serve(PrefixedIo::new(prefix, stream), version, target, peer, None, handle)
                     .await
             }
             Protocol::Tls | Protocol::Opaque => {
                 let mesh = self.mesh.as_deref();
                 let started = Instant::now();
-                let (target, picked, decided) = match self.balance(target).await {
+                let (target, picked, decided) = match self.balance(target, answer.as_deref()).await {
                     Balanced::No => (target, None, None),
                     Balanced::Picked(picked, decided) => (picked.address(), Some(picked), decided),
                     Balanced::NoHealthyEndpoint => {
@@ -72,10 +89,17 @@ impl Outbound {
                         return;
                     }
                 };
-                let security = match (decided, mesh) {
-                    (Some(decided), _) => decided,
-                    (None, Some(mesh)) => mesh.security_for(target).await,
-                    (None, None) => Security::Plain,
+                let security = match decided {
+                    Some(decided) => decided,
+                    // The original destination: as discovery's answer for it says.
+                    None if picked.is_none() => {
+                        Security::from_identity(answer.as_ref().and_then(|a| a.identity(target)).cloned())
+                    }
+                    // A route file's endpoint without an identity: discovery by its address.
+                    None => match mesh {
+                        Some(mesh) => mesh.security_for(target).await,
+                        None => Security::Plain,
+                    },
                 };
                 let id = match &security {
                     Security::Mesh(id) => Some(id.as_str()),
@@ -115,29 +139,11 @@ impl Outbound {
         }
     }
 
-    /// Whether discovery marks `target` opaque (ports already opaque locally are not looked up).
-    async fn opaque_by_discovery(&self, target: SocketAddr) -> bool {
-        if self.detect.opaque_ports.contains(target.port()) {
-            return false;
-        }
-        let Some(discovery) = self.mesh.as_ref().and_then(|m| m.discovery.as_ref()) else {
-            return false;
-        };
-        discovery
-            .lookup(target)
-            .await
-            .and_then(|t| t.routes.as_ref().map(|d| d.opaque()))
-            .unwrap_or(false)
-    }
-
     /// Where an opaque connection to `target` goes: one of its destination's endpoints (the
     /// control plane's answer for the address, else the route file's entry), unless `target`
     /// is one of them itself or there are none.
-    async fn balance(&self, target: SocketAddr) -> Balanced {
-        let answered = match self.mesh.as_ref().and_then(|m| m.discovery.as_ref()) {
-            Some(discovery) => discovery.lookup(target).await.and_then(|t| t.routes.clone()),
-            None => None,
-        };
+    async fn balance(&self, target: SocketAddr, answer: Option<&Target>) -> Balanced {
+        let answered = answer.and_then(|t| t.routes.clone());
         let from_control_plane = answered.is_some();
         let destination = match answered {
             Some(destination) => destination,

@@ -83,6 +83,7 @@ impl HttpProxy {
         dst: SocketAddr,
         peer: SocketAddr,
         authz: Option<Arc<authz::ConnectionAuthz>>,
+        dst_handle: Option<crate::discovery::Handle>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -92,7 +93,7 @@ impl HttpProxy {
             Direction::Outbound => self.pool.discovery().cloned(),
             Direction::Inbound => None,
         }
-        .map(|discovery| Arc::new(route::ConnDiscovery::new(discovery, dst)));
+        .map(|discovery| Arc::new(route::ConnDiscovery::new(discovery, dst, dst_handle)));
         let stack = ServiceBuilder::new()
             .layer(route::RouteLayer::new(
                 self.policy.clone(),

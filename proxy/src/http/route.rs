@@ -120,11 +120,13 @@ struct Pending {
 }
 
 impl ConnDiscovery {
-    pub fn new(discovery: Arc<Discovery>, dst: SocketAddr) -> Self {
+    /// `dst_handle`: the original destination's handle when the connection took one already
+    /// (outbound does, to decide the protocol), so it is not taken twice.
+    pub fn new(discovery: Arc<Discovery>, dst: SocketAddr, dst_handle: Option<Handle>) -> Self {
         ConnDiscovery {
             discovery,
             dst_addr: dst,
-            dst: Mutex::default(),
+            dst: Mutex::new(dst_handle.map(|handle| Held::from_handle(dst.into(), handle))),
             named: Mutex::default(),
         }
     }

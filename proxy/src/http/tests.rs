@@ -130,7 +130,7 @@ fn proxy_in(
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
-    tokio::spawn(async move { http.serve(server, version, dst, peer, None).await });
+    tokio::spawn(async move { http.serve(server, version, dst, peer, None, None).await });
     (client, Proxy { metrics })
 }
 

@@ -119,6 +119,9 @@ pub struct Upstream {
 struct Session {
     pool: Arc<Pool>,
     held: Mutex<Option<(Key, H1)>>,
+    /// The HTTP/2 connection this client connection last used, so its next request to the same
+    /// target takes it without the pool's shared map.
+    held_h2: Mutex<Option<(Key, H2)>>,
     /// This client connection's HTTP/2 lane to every target.
     lane: usize,
 }
@@ -342,6 +345,7 @@ impl Upstream {
                 lane: pool.lane(),
                 pool,
                 held: Mutex::new(None),
+                held_h2: Mutex::new(None),
             }),
             version,
             restores_http1,
@@ -376,6 +380,14 @@ impl Session {
         let key = key?;
         let tx = self.pool.take_idle_h1(&key)?;
         Some((key, tx))
+    }
+
+    /// The HTTP/2 connection this client connection holds for `key`, if it is still open.
+    fn held_h2(&self, key: &Key) -> Option<H2> {
+        let held = self.held_h2.lock().ok()?;
+        held.as_ref()
+            .filter(|(held_key, tx)| held_key == key && !tx.is_closed())
+            .map(|(_, tx)| tx.clone())
     }
 
     fn hold(&self, key: Key, tx: H1) {
@@ -514,11 +526,20 @@ fn restore_http1(req: &mut ProxyRequest) -> bool {
 /// Sends `req` on the shared HTTP/2 connection for `key` (this client connection's lane), made
 /// if there is none.
 async fn send_h2(session: Arc<Session>, key: Key, req: ProxyRequest) -> Result<ProxyResponse, ProxyError> {
-    let key = (key, session.lane);
-    let mut tx = match session.pool.h2_ready(&key) {
+    let mut tx = match session.held_h2(&key) {
         Some(tx) => tx,
-        // Boxed: the handshake future is large and rarely needed.
-        None => Box::pin(session.pool.h2(key)).await?,
+        None => {
+            let lane = (key.clone(), session.lane);
+            let tx = match session.pool.h2_ready(&lane) {
+                Some(tx) => tx,
+                // Boxed: the handshake future is large and rarely needed.
+                None => Box::pin(session.pool.h2(lane)).await?,
+            };
+            if let Ok(mut held) = session.held_h2.lock() {
+                *held = Some((key, tx.clone()));
+            }
+            tx
+        }
     };
     let rsp = tx.send_request(req).await.map_err(ProxyError::from_send)?;
     Ok(rsp.map(ResponseBody::Upstream))
@@ -1005,7 +1026,7 @@ mod tests {
         async fn client(http: Arc<HttpProxy>, dst: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
             let (client, server): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
             let peer: SocketAddr = "10.0.0.1:5555".parse().unwrap();
-            tokio::spawn(async move { http.serve(server, Version::Http1, dst, peer, None).await });
+            tokio::spawn(async move { http.serve(server, Version::Http1, dst, peer, None, None).await });
             let (tx, conn) = http1::handshake(TokioIo::new(client)).await.unwrap();
             tokio::spawn(conn);
             tx
